@@ -1,0 +1,418 @@
+"""L-infinity attacks used for adversarial training and evaluation by cifs.py, fsr.py, evaluate.py.
+
+Conventions (SPEC.md §0):
+  * images are in [0, 1]; every attack returns x_adv with ||x_adv - x||_inf <= eps and
+    x_adv in [0, 1]; eps is in image units (8/255, not 8);
+  * the model may return logits or `(logits, aux)`; losses receive the raw output, so a method
+    can attack a joint loss (CIFS, Eq. 3) while the default losses look only at the logits;
+  * every attack runs inside `attack_mode(model)`: eval mode (BatchNorm running statistics are
+    used and never updated) with parameters frozen, so gradients are taken w.r.t. the input only
+    (`torch.autograd.grad(loss, x_adv)`); the model's exact previous state is restored after;
+  * attacks do not enable autocast themselves: call them inside `torch.autocast(...)` to attack
+    in bf16. Losses are computed in fp32 either way.
+
+Contents: losses (CE, C&W margin, KL) · attack_mode · pgd (random start, restarts, transforms) ·
+fgsm · trades_attack · mart_attack · fat_attack (FAT's early-stopped PGD) · ti_fgsm · di_fgsm
+(transfer attacks) · nattack (query-based) · autoattack (wrapper around the official `pyautoattack`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LossFn = Callable[[object, torch.Tensor], torch.Tensor]  # (model output, labels) -> per-example loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Model views and modes
+# ---------------------------------------------------------------------------------------------
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model output that is either logits or (logits, aux)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LogitsOnly(nn.Module):
+    """A logits-only view of a model that returns (logits, aux): for AutoAttack and transfer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return logits_of(self.model(x))
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode and frozen parameters for the duration of an attack, then the exact previous
+    state back: each submodule's own `training` flag and each parameter's `requires_grad`.
+
+    Eval mode: attacks must see BatchNorm running statistics and never update them (SPEC.md §0).
+    Frozen parameters: autograd then builds no weight-gradient graph at all, so an attack step
+    costs one forward and one input-only backward.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in grads:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+
+
+def check_epsilon(eps: float) -> None:
+    """Budgets are in image units: refuse a budget that looks like pixel units (8 for 8/255)."""
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps={eps} is outside [0, 1]: budgets are in image units "
+                         f"(images are in [0, 1]); for 8 pixel levels pass 8/255 = {8 / 255:.5f}")
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the eps-ball around x, then into the image box [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, kind: str | bool | None) -> torch.Tensor:
+    """'uniform': x + U(-eps, eps) (Madry AT); 'normal': x + 0.001 N(0, I) (TRADES, MART);
+    None/False: x itself (the evaluation protocol of both papers, SPEC.md §6)."""
+    if kind is True or kind == "uniform":
+        return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    if kind == "normal":
+        return project(x + 0.001 * torch.randn_like(x), x, eps)
+    if kind in (None, False, "none"):
+        return x.clone()
+    raise ValueError(f"unknown random start {kind!r}; use 'uniform', 'normal' or None")
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: per-example vectors, so that restarts can keep the worst case per example
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy_loss(output, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_of(output).float(), y, reduction="none")
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """C&W margin loss -max(z_y - max_{j != y} z_j + kappa, 0) (SPEC.md §6, kappa = 50).
+    Maximising it pushes the true logit below the best other one by up to kappa."""
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).amax(1)
+    return -(true - other + kappa).clamp(min=0.0)
+
+
+def cw_loss(output, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    return cw_margin(logits_of(output), y, kappa)
+
+
+def kl_to(clean_probs: torch.Tensor) -> LossFn:
+    """Per-example KL(p(x) || p(x')) against fixed clean probabilities (TRADES inner loss)."""
+    def loss(output, _y):
+        log_probs = F.log_softmax(logits_of(output).float(), dim=1)
+        return F.kl_div(log_probs, clean_probs, reduction="none").sum(1)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD and FGSM
+# ---------------------------------------------------------------------------------------------
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, step_size: float,
+        steps: int, loss_fn: LossFn = cross_entropy_loss, random_start_kind: str | bool | None = "uniform",
+        restarts: int = 1, input_transform: Callable | None = None,
+        grad_transform: Callable | None = None) -> torch.Tensor:
+    """Projected gradient ascent with sign steps (Madry et al. 2018) on `loss_fn(model(x'), y)`.
+
+    restarts > 1 keeps, per example, the worst case over restarts: an example that fools the
+    model beats one that does not, and otherwise the higher loss wins. `input_transform` acts on
+    the input of every forward (DI-FGSM), `grad_transform` on every gradient (TI-FGSM).
+    Returns a detached x_adv.
+    """
+    check_epsilon(eps)
+    x = x.detach()
+    with attack_mode(model):
+        best, best_fooled, best_loss = None, None, None
+        for _ in range(restarts):
+            x_adv = random_start(x, eps, random_start_kind)
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                inputs = x_adv if input_transform is None else input_transform(x_adv)
+                loss = loss_fn(model(inputs), y).sum()
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                if grad_transform is not None:
+                    grad = grad_transform(grad)
+                x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+            if restarts == 1:
+                return x_adv.detach()
+            # One extra forward per restart to compare restarts on their final iterates.
+            with torch.no_grad():
+                output = model(x_adv)
+                loss = loss_fn(output, y)
+                fooled = logits_of(output).argmax(1) != y
+            if best is None:
+                best, best_fooled, best_loss = x_adv, fooled, loss
+                continue
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(better[:, None, None, None], x_adv, best)
+            best_fooled, best_loss = best_fooled | fooled, torch.where(better, loss, best_loss)
+        return best.detach()
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+         loss_fn: LossFn = cross_entropy_loss) -> torch.Tensor:
+    """x + eps * sign(grad_x loss), clipped to [0, 1] (Goodfellow et al. 2015): one PGD step of
+    size eps from x itself, for which the eps-ball projection is the identity."""
+    return pgd(model, x, y, eps, step_size=eps, steps=1, loss_fn=loss_fn, random_start_kind=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training attacks of TRADES, MART and FAT (SPEC.md §5)
+# ---------------------------------------------------------------------------------------------
+
+
+def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float, steps: int) -> torch.Tensor:
+    """TRADES inner maximisation (Zhang et al. 2019): start at x + 0.001 N(0, I) and ascend
+    KL(p(x) || p(x')) summed over the batch. The clean distribution is computed once per batch
+    (the official code recomputes it, unchanged, at every step)."""
+    with attack_mode(model), torch.no_grad():
+        clean_probs = F.softmax(logits_of(model(x)).float(), dim=1)
+    return pgd(model, x, None, eps, step_size, steps, loss_fn=kl_to(clean_probs), random_start_kind="normal")
+
+
+def mart_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
+                steps: int) -> torch.Tensor:
+    """MART inner maximisation (Wang et al. 2020): CE-PGD started at x + 0.001 N(0, I)."""
+    return pgd(model, x, y, eps, step_size, steps, random_start_kind="normal")
+
+
+def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
+               steps: int, tau: int, loss: str = "ce", random_start_kind: str | None = "uniform",
+               omega: float = 0.001) -> torch.Tensor:
+    """FAT's early-stopped PGD (Zhang et al. 2020, Alg. 1, "PGD-K-tau").
+
+    Before each step, an example the model already misclassifies may take `tau` more steps; once
+    it is misclassified with no steps left it is frozen. Each step adds omega * N(0, I) noise
+    (FAT's default 0.001). loss='ce' for FAT, 'kl' (against the clean output) for FAT-TRADES.
+
+    Difference from the official code: it drops frozen examples from the batch and returns the
+    survivors reordered (with their labels); here the batch keeps its size and order (frozen
+    examples simply stop moving), so the output stays aligned with `y`. The forward passes of
+    frozen examples are wasted compute but keep the shapes static for the GPU and torch.compile.
+    """
+    check_epsilon(eps)
+    x = x.detach()
+    with attack_mode(model):
+        if loss == "kl":
+            with torch.no_grad():
+                loss_fn = kl_to(F.softmax(logits_of(model(x)).float(), dim=1))
+        elif loss == "ce":
+            loss_fn = cross_entropy_loss
+        else:
+            raise ValueError(f"unknown FAT loss {loss!r}; use 'ce' or 'kl'")
+        x_adv = random_start(x, eps, random_start_kind)
+        budget = torch.full_like(y, tau)
+        active = torch.ones_like(y, dtype=torch.bool)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            output = model(x_adv)
+            wrong = logits_of(output).argmax(1) != y
+            active &= ~(wrong & (budget <= 0))
+            if not active.any():
+                break
+            budget = torch.where(wrong & active, budget - 1, budget)
+            (grad,) = torch.autograd.grad(loss_fn(output, y).sum(), x_adv)
+            stepped = x_adv.detach() + step_size * grad.sign() + omega * torch.randn_like(x)
+            x_adv = torch.where(active[:, None, None, None], project(stepped, x, eps), x_adv.detach())
+    return x_adv.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer attacks (crafted on a source model, evaluated on the defence; FSR Table 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_kernel(size: int, nsig: float = 3.0) -> torch.Tensor:
+    """A normalised size x size Gaussian spanning +-nsig standard deviations (TI-FGSM's kernel)."""
+    t = torch.linspace(-nsig, nsig, size)
+    g = torch.exp(-0.5 * t**2)
+    kernel = torch.outer(g, g)
+    return kernel / kernel.sum()
+
+
+def ti_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+            step_size: float | None = None, kernel_size: int = 7) -> torch.Tensor:
+    """Translation-invariant iterative FGSM (Dong et al. 2019): the input gradient is smoothed by
+    a Gaussian kernel before the sign. Kernel 7 for 32-pixel images (the paper's 15 is for
+    ImageNet), 10 steps of eps/10 by default (FSR gives no settings: SPEC.md §6, Open)."""
+    channels = x.shape[1]
+    kernel = gaussian_kernel(kernel_size).to(x.device, x.dtype).expand(channels, 1, kernel_size, kernel_size)
+    def smooth(grad):
+        return F.conv2d(grad, kernel, padding=kernel_size // 2, groups=channels)
+    return pgd(model, x, y, eps, step_size or eps / steps, steps, random_start_kind=None, grad_transform=smooth)
+
+
+def input_diversity(x: torch.Tensor, prob: float = 0.5, resize_rate: float = 0.9) -> torch.Tensor:
+    """DI-FGSM's random transform (Xie et al. 2019): with probability `prob`, shrink the batch to
+    a random size in [resize_rate * size, size) and zero-pad it back at a random offset."""
+    if torch.rand(()) >= prob:
+        return x
+    height, width = x.shape[-2:]
+    scale = float(torch.empty(()).uniform_(resize_rate, 1.0))
+    new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
+    small = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top = int(torch.randint(0, height - new_h + 1, ()))
+    left = int(torch.randint(0, width - new_w + 1, ()))
+    return F.pad(small, (left, width - new_w - left, top, height - new_h - top))
+
+
+def di_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+            step_size: float | None = None, prob: float = 0.5, resize_rate: float = 0.9) -> torch.Tensor:
+    """Diverse-inputs iterative FGSM (Xie et al. 2019): every gradient is taken through a random
+    resize-and-pad of the input. Probability 0.5, 10 steps of eps/10 by default (SPEC.md §6, Open)."""
+    def diverse(inputs):
+        return input_diversity(inputs, prob, resize_rate)
+    return pgd(model, x, y, eps, step_size or eps / steps, steps, random_start_kind=None, input_transform=diverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# NAttack: query-based, gradient-free (Li et al. 2019; FSR Table 3)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, max_queries: int = 40_000,
+            population: int = 300, sigma: float = 0.1, lr: float = 0.02, check_every: int = 10,
+            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NAttack: learn a Gaussian N(mu, sigma^2) over a tanh-space perturbation with natural
+    evolution strategies so that its samples, projected to the eps-ball, fool the model.
+
+    Per image and iteration: `population` queries on samples x + clip(g(w + mu + sigma*e) - x)
+    with g(w) = (tanh(w) + 1)/2 and w = atanh(2x - 1), the loss max(log p_y - max_{j!=y} log p_j, 0)
+    (0 once a sample fools the model), standardised rewards, and
+    mu += lr / (population * sigma) * sum_i reward_i e_i. Every `check_every` iterations the
+    mean mu itself is queried (one query) and the image counts as broken if it is misclassified.
+    An image stops at success or when its next iteration would exceed `max_queries`.
+
+    Checks also happen when an image can no longer afford a population (its last chance).
+    Difference from the official code: mu starts at 0 rather than 0.001 N(0, I), so the first
+    check queries the clean image itself (an already misclassified image costs one query).
+
+    Returns (x_adv, success, queries): x_adv is, per image, the last mean that was queried (the
+    fooling one where success), so `success` equals "x_adv is misclassified"; `queries` is the
+    per-image count and never exceeds max_queries.
+    """
+    check_epsilon(eps)
+    view = LogitsOnly(model)
+    with attack_mode(model):
+        n = x.shape[0]
+        w = torch.atanh((2 * x - 1) * (1 - 1e-6))  # tanh-space image; g(w) = x up to 1e-6
+        mu = torch.zeros_like(x)
+        x_adv = x.clone()
+        queries = torch.zeros(n, dtype=torch.long, device=x.device)
+        success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        running = torch.ones(n, dtype=torch.bool, device=x.device)
+
+        def to_image(latent, center):  # g(latent), projected into the eps-ball around center
+            return project(0.5 * (torch.tanh(latent) + 1), center, eps)
+
+        def forward(images):
+            return torch.cat([view(part).float() for part in images.split(chunk)])
+
+        iteration = 0
+        while running.any():
+            # 1. Query the mean of the search distribution: every check_every iterations, and
+            #    for images whose next population would not fit in the budget.
+            idx = running.nonzero().squeeze(1)
+            last_chance = queries[idx] + population > max_queries
+            to_check = idx if iteration % check_every == 0 else idx[last_chance]
+            to_check = to_check[queries[to_check] < max_queries]
+            if to_check.numel():
+                x_adv[to_check] = to_image(w[to_check] + mu[to_check], x[to_check])
+                queries[to_check] += 1
+                broken = forward(x_adv[to_check]).argmax(1) != y[to_check]
+                success[to_check[broken]] = True
+                running[to_check[broken]] = False
+            running[idx[last_chance]] = False
+            idx = running.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            # 2. One NES step on mu for every running image: `population` queries each.
+            k = idx.numel()
+            noise = torch.randn(k, population, *x.shape[1:], device=x.device, dtype=x.dtype)
+            latent = (w[idx] + mu[idx]).unsqueeze(1) + sigma * noise
+            center = x[idx].unsqueeze(1).expand_as(latent)
+            log_probs = F.log_softmax(forward(to_image(latent, center).flatten(0, 1)), dim=1).view(k, population, -1)
+            labels = y[idx].view(k, 1, 1).expand(k, population, 1)
+            true = log_probs.gather(2, labels).squeeze(2)
+            other = log_probs.scatter(2, labels, -torch.inf).amax(2)
+            queries[idx] += population
+            reward = -(true - other).clamp(0.0, 1000.0)  # 0 once a sample fools the model
+            reward = (reward - reward.mean(1, keepdim=True)) / (reward.std(1, unbiased=False, keepdim=True) + 1e-7)
+            mu[idx] += lr / (population * sigma) * torch.einsum("kp,kp...->k...", reward, noise)
+            iteration += 1
+    return x_adv, success, queries
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoAttack through the official implementation (Croce & Hein 2020; PyPI `pyautoattack`)
+# ---------------------------------------------------------------------------------------------
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
+               attacks: list[str] | None = None, seed: int = 0, batch_size: int = 500,
+               progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Run the official AutoAttack on a logits-only view of `model` in eval mode.
+
+    version 'standard' runs APGD-CE, APGD-T, FAB-T and Square; version 'custom' runs `attacks`.
+    Returns (x_adv, warnings): AutoAttack's own warnings (randomised or dynamic defence, output
+    range, Square stronger than the white-box attacks, ...) are collected for the report.
+    `progress=True` shows AutoAttack's per-attack progress lines on stderr.
+    """
+    check_epsilon(eps)
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as error:
+        raise ImportError("AutoAttack needs the official package: pip install pyautoattack") from error
+
+    logger = logging.getLogger("auto-attack")
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    collector = Collect(level=logging.WARNING)
+    printer = logging.StreamHandler()
+    printer.setFormatter(logging.Formatter("[autoattack] %(message)s"))
+    old_level = logger.level
+    logger.addHandler(collector)
+    if progress:
+        logger.addHandler(printer)
+    logger.setLevel(logging.DEBUG if progress else logging.WARNING)
+    try:
+        with attack_mode(model):
+            adversary = AutoAttack(LogitsOnly(model), eps=eps, norm="Linf", version=version,
+                                   attacks=attacks if version == "custom" else None,
+                                   device=x.device, seed=seed)
+            x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
+    finally:
+        logger.removeHandler(collector)
+        logger.removeHandler(printer)
+        logger.setLevel(old_level)
+    return x_adv.detach(), warnings
