@@ -202,13 +202,14 @@ def mart_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
 
 def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
-               steps: int, tau: int, loss: str = "ce", random_start_kind: str | None = "uniform",
+               steps: int, tau: int, loss: str | LossFn = "ce", random_start_kind: str | None = "uniform",
                omega: float = 0.001) -> torch.Tensor:
     """FAT's early-stopped PGD (Zhang et al. 2020, Alg. 1, "PGD-K-tau").
 
     Before each step, an example the model already misclassifies may take `tau` more steps; once
     it is misclassified with no steps left it is frozen. Each step adds omega * N(0, I) noise
-    (FAT's default 0.001). loss='ce' for FAT, 'kl' (against the clean output) for FAT-TRADES.
+    (FAT's default 0.001). loss='ce' for FAT, 'kl' (against the clean output) for FAT-TRADES,
+    or any per-example loss function (a method's joint loss).
 
     Difference from the official code: it drops frozen examples from the batch and returns the
     survivors reordered (with their labels); here the batch keeps its size and order (frozen
@@ -223,6 +224,8 @@ def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
                 loss_fn = kl_to(F.softmax(logits_of(model(x)).float(), dim=1))
         elif loss == "ce":
             loss_fn = cross_entropy_loss
+        elif callable(loss):
+            loss_fn = loss
         else:
             raise ValueError(f"unknown FAT loss {loss!r}; use 'ce' or 'kl'")
         x_adv = random_start(x, eps, random_start_kind)

@@ -366,21 +366,23 @@ class DatasetInfo:
     epsilon: float  # default L-inf budget of the threat model
     augment: str  # 'crop_flip' (pad + random crop + h-flip) or 'none'
     padding: int  # crop padding; 0 when augment == 'none'
+    train_size: int  # images in the full training split (for epoch-time estimates)
 
 
 # The ONE table of per-dataset facts (SPEC section 1). Everything else (model
 # input shape, default epsilon, default augmentation) should read from here.
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4),
-    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
     # SPEC Decision: FSR trains SVHN without augmentation (the CIFS code crops +
     # flips); crop_flip stays available through the loader's `augment` flag.
-    "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0),
+    "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0, 73_257),
     # SPEC Open: nothing published for Tiny ImageNet; we use the CIFAR recipe.
-    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4),
-    "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0),
+    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4, 100_000),
+    "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0, 60_000),
     # Offline stand-in for tests and demos; the shape can be overridden in load_dataset.
-    "synthetic": DatasetInfo("synthetic", 10, (3, 32, 32), 8 / 255, "crop_flip", 4),
+    # No flips: a mirrored grating has another orientation, i.e. looks like another class.
+    "synthetic": DatasetInfo("synthetic", 10, (3, 32, 32), 8 / 255, "none", 0, 5_000),
 }
 
 

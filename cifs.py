@@ -1,0 +1,771 @@
+"""CIFS: Channel-wise Importance-based Feature Selection for adversarial robustness, one file.
+
+Paper:  H. Yan, J. Zhang, G. Niu, J. Feng, V. Y. F. Tan, M. Sugiyama, "CIFS: Improving Adversarial
+        Robustness of CNNs via Channel-wise Importance-based Feature Selection", ICML 2021
+        (appendix: ../shared/papers/cifs_appendix.txt; SPEC.md §4).
+Code:   https://github.com/HanshuYAN/CIFS (the official implementation; differences are listed in
+        comments marked "Official code:" or "Difference" and in README.md).
+
+Run:
+    python cifs.py --dataset cifar10 --strategy at             # ResNet-18 + CIFS at both layer4 blocks
+    python cifs.py --dataset cifar10 --strategy at --no-cifs   # the vanilla baseline, same loop and seed
+    python cifs.py --dataset cifar10 --strategy natural --run-name warm   # the authors' warm start ...
+    python cifs.py --dataset cifar10 --init-from runs/warm/last.pt        # ... then adversarial training
+    python cifs.py --dataset fmnist                            # ResNet-10, eps 0.3, PGD-20 of 0.02
+    python cifs.py --dataset synthetic --device cpu --epochs 3 # offline CPU demo
+    python cifs.py --resume runs/<run-name>/last.pt            # continue an interrupted run
+    python cifs.py --benchmark                                 # time training steps, FLOPs, params
+
+The file reads top to bottom: Args -> the CIFS module -> the network that hosts it -> losses ->
+the training step -> the training loop -> main(). Blocks marked "shared block" are identical in
+fsr.py (tests/test_shared_blocks.py checks it), so each file stands alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attacks
+from models import (DeviceLoader, Network, build_model, count_flops, count_parameters, dataset_info,
+                    load_dataset, split_validation)
+
+METHOD = "cifs"
+
+
+def arg(default, help: str, type=None, choices=None):
+    """A dataclass field that carries its command-line help (one line per flag)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class Args:
+    # --- what to train ------------------------------------------------------------------------
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | tinyimagenet | fmnist | synthetic")
+    model: str = arg(None, "backbone (default per dataset: resnet18; fmnist resnet10; synthetic smallcnn)", str)
+    strategy: str = arg("at", "adversarial-training strategy (SPEC.md §5; the paper: at, trades, fat)",
+                        choices=("natural", "at", "trades", "mart", "fat"))
+    no_cifs: bool = arg(False, "train the vanilla backbone through the identical loop (the baseline)")
+    positions: str = arg(None, "comma-separated CIFS positions in forward order (default: resnet18 "
+                         "layer4.0,layer4.1; resnet10 layer3,layer4; wrn28_10 block3.3.branch,final)", str)
+    probes: str = arg(None, "probe per position, linear | mlp (default: mlp before the last position, linear at it)", str)
+    # --- CIFS (SPEC.md §4) and its ablations (CIFS appendix E) ------------------------------------
+    beta: float = arg(2.0, "beta of Eq. 3: weight of the probe losses (and of the training attack's joint loss)")
+    mask_fn: str = arg("softmax", "IMGF: the importance-mask function", choices=("softmax", "sigmoid", "softplus"))
+    softmax_scale: float = arg(1.0, "scale of the softmax mask (1: final release; 2 = k: paper-era ResNet-18 code)")
+    top_k: int = arg(2, "classes whose probe logits define the relevance (appendix E.2: 1, 2, 3)")
+    hidden: int = arg(None, "hidden width of the MLP probe (default 128; 240 for wrn28_10)", int)
+    official_scale: bool = arg(False, "multiply the loss by 3/(beta+1) as the official training code (beta ablation)")
+    # --- optimisation (None = the paper default of the dataset, SPEC.md §1) ------------------
+    epochs: int = arg(None, "training epochs", int)
+    lr: float = arg(None, "initial SGD learning rate", float)
+    weight_decay: float = arg(None, "SGD weight decay (all parameters)", float)
+    milestones: str = arg(None, "comma-separated epochs (1-indexed) from which the lr is 10x lower", str)
+    batch_size: int = arg(128, "training batch size")
+    momentum: float = arg(0.9, "SGD momentum")
+    augment: str = arg(None, "training augmentation (default per dataset)", str, ("none", "crop_flip"))
+    # --- the training attack -----------------------------------------------------------------
+    epsilon: float = arg(None, "L-inf budget in image units, e.g. 0.0314 for 8/255 (default per dataset)", float)
+    attack_steps: int = arg(None, "steps of the training attack", int)
+    attack_step_size: float = arg(None, "step of the training attack (default eps/4; fmnist 0.02)", float)
+    trades_beta: float = arg(6.0, "TRADES beta")
+    mart_beta: float = arg(6.0, "MART beta (the MART ResNet-18 script used 5)")
+    # --- validation during training ------------------------------------------------------------
+    val_size: int = arg(1000, "training images held out to pick best.pt (0: no validation)")
+    eval_every: int = arg(5, "evaluate clean and PGD accuracy on the held-out images every N epochs (and at the end)")
+    eval_steps: int = arg(20, "PGD steps of that evaluation (step eps/10, no random start, fp32)")
+    # --- data, device, speed -------------------------------------------------------------------
+    data_root: str = arg("data", "dataset folder")
+    synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
+    synthetic_shape: str = arg(None, "C,H,W of the synthetic dataset (default 3,32,32)", str)
+    seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
+    deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
+    device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
+    amp: bool = arg(None, "bf16 autocast for training and the training attack (default: on with CUDA)", bool)
+    channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
+    compile: bool = arg(False, "torch.compile the network")
+    # --- bookkeeping -------------------------------------------------------------------------
+    run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
+    runs_dir: str = arg("runs", "where run folders go")
+    resume: str = arg(None, "continue from this last.pt (its settings are used; --device may change)", str)
+    init_from: str = arg(None, "start from the weights of this checkpoint of the same method (warm start)", str)
+    log_interval: float = arg(30.0, "seconds between progress lines within an epoch")
+    benchmark: bool = arg(False, "time training steps on random data of the dataset's shape, then exit")
+    benchmark_steps: int = arg(20, "timed steps of --benchmark")
+
+
+# Paper defaults per dataset (CIFS §5 and appendix; SPEC.md §1). Weight decay 2e-4 for ResNet-18 and
+# ResNet-10, 5e-4 for SVHN and WRN-28-10 (see resolve). Synthetic is a CPU demo.
+DEFAULTS = {
+    "cifar10": dict(model="resnet18", epochs=120, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "cifar100": dict(model="resnet18", epochs=120, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "svhn": dict(model="resnet18", epochs=120, lr=0.01, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "tinyimagenet": dict(model="resnet18", epochs=100, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "fmnist": dict(model="resnet10", epochs=120, lr=0.1, weight_decay=2e-4, milestones="45,75,90", attack_steps=20, step=0.02 / 0.3),
+    # CIFS starts slowly: the softmax mask shrinks the features ~C-fold until the probes sharpen it
+    # (the authors' own natural ResNet-18 run sits at 10 % for its first 2 epochs), hence more steps.
+    "synthetic": dict(model="smallcnn", epochs=20, lr=0.1, weight_decay=5e-4, milestones="15,18", attack_steps=5, step=1 / 4),
+}
+# (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe), SPEC.md §2.
+DEFAULT_POSITIONS = {
+    "resnet18": ("layer4.0,layer4.1", "mlp,linear"),
+    "resnet10": ("layer3,layer4", "mlp,linear"),
+    "wrn28_10": ("block3.3.branch,final", "mlp,linear"),
+}
+
+
+# =============================================================================================
+# CIFS module (paper §3, SPEC §4)
+# =============================================================================================
+#
+# Differences from the official code (HanshuYAN/CIFS), all deliberate:
+#   * the probe has K = the dataset's number of classes (the ResNet-18 code hard-codes 10; SPEC §7);
+#   * the relevance is the gradient w.r.t. the pooled vector u itself, not the spatial sum of the
+#     gradient w.r.t. the feature map: identical value (u is a spatial mean and the probe sees z
+#     only through u, so sum_hw dS/dz[:, :, h, w] = dS/du), one spatial backward less;
+#   * create_graph=True only in train mode: in eval mode nothing trains, the mask value is the
+#     same, and attacks (input-only gradients) treat the mask as a constant either way;
+#   * the relevance runs inside torch.enable_grad(), so evaluation under torch.no_grad() and
+#     AutoAttack work (the official module breaks there; SPEC §4);
+#   * labels reach the module through `cifs_labels(model, y)` instead of a forward argument,
+#     because `Network` calls inserted modules as `module(feature)`;
+#   * the mask is computed in fp32 (relevant only under autocast) and cast back to z's dtype;
+#   * softmax scale defaults to 1 (final release, WRN-28-10 code); the paper-era ResNet-18 code
+#     uses 2 * softmax: pass softmax_scale=2 to reproduce it.
+
+PROBES = ("linear", "mlp")
+MASK_FUNCTIONS = ("softmax", "sigmoid", "softplus")
+
+
+def make_probe_head(channels: int, num_classes: int, probe: str, hidden: int) -> nn.Sequential:
+    """The probe after global average pooling (SPEC §4): Linear(C, K), or
+    Linear(C, hidden)-Softplus(beta=5)-Linear(hidden, K). hidden = 128 (ResNet), 240 (WRN-28-10)."""
+    if probe == "linear":
+        return nn.Sequential(nn.Linear(channels, num_classes))
+    if probe == "mlp":
+        return nn.Sequential(nn.Linear(channels, hidden), nn.Softplus(beta=5), nn.Linear(hidden, num_classes))
+    raise ValueError(f"unknown probe {probe!r}; use one of {PROBES}")
+
+
+def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per example, the top_k classes whose logits define the relevance (B x top_k indices).
+
+    labels=None (eval mode, test time): the top-k classes of the probe logits q (paper: top-2).
+    With labels (train mode): the true label takes the place of rank 1, the rest are ranks
+    2..k of q. This is SPEC §4's "y and the rank-2 class of q" read literally, and exactly what
+    the official code does (it indexes `topk(q, 2)[1][:, 1]` next to y): when y is itself rank 2
+    it is selected twice (S counts q_y twice, so g = 2 dq_y/du); when y ranks below 2, rank 1 is
+    skipped. We keep it because the published numbers were trained this way; the alternative
+    "y plus the best class other than y" is a one-line change here.
+    """
+    ranked = q.topk(top_k, dim=1).indices
+    if labels is None:
+        return ranked
+    return torch.cat([labels[:, None], ranked[:, 1:]], dim=1)
+
+
+def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) -> torch.Tensor:
+    """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 (SPEC §4).
+
+    softmax: softmax_scale * softmax over channels (final release 1; paper-era ResNet-18 2 = k);
+    sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g) (appendix A "CIFS-sigmoid/softplus";
+    SPEC §4's best reading of the authors' experiments, their code for these is not public).
+    """
+    g = g.float()
+    if mask_fn == "softmax":
+        return softmax_scale * F.softmax(g, dim=1)
+    if mask_fn == "sigmoid":
+        return torch.sigmoid(10.0 * g)
+    if mask_fn == "softplus":
+        return F.softplus(g, beta=5)
+    raise ValueError(f"unknown mask function {mask_fn!r}; use one of {MASK_FUNCTIONS}")
+
+
+def global_average_pool(z: torch.Tensor) -> torch.Tensor:
+    return z.mean(dim=(2, 3))
+
+
+class CIFS(nn.Module):
+    """Channel-wise importance-based feature selection on a feature map z (B x C x H x W).
+
+    forward(z) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
+      p = probe(z), the raw probe logits on the non-detached z: their CE (CIFS Eq. 3) trains the
+        probe and the backbone below;
+      m = IMGF(g), g = dS/du: the gradient of S (sum over the batch of the selected probe logits,
+        see `select_classes`) w.r.t. the pooled vector u, taken on a detached copy of u (CIFS
+        Eq. 2 and §3.2). The mask therefore has no gradient path to z: the backbone gets
+        d(z*m)/dz = m, and input-gradient attacks see the mask as a constant (SPEC §4). In train
+        mode the gradient keeps its graph (create_graph) so the probe also learns through the
+        mask (second-order path); in eval mode it does not.
+
+    Train mode needs the true labels: set them with `with cifs_labels(model, y): model(x)`.
+    Eval mode ignores labels and uses the probe's own top-k (what test time and attacks see).
+    """
+
+    def __init__(self, channels: int, num_classes: int, probe: str = "linear", hidden: int = 128,
+                 mask_fn: str = "softmax", softmax_scale: float = 1.0, top_k: int = 2):
+        super().__init__()
+        if mask_fn not in MASK_FUNCTIONS:
+            raise ValueError(f"unknown mask function {mask_fn!r}; use one of {MASK_FUNCTIONS}")
+        if not 1 <= top_k <= num_classes:
+            raise ValueError(f"top_k={top_k} must be between 1 and num_classes={num_classes}")
+        self.head = make_probe_head(channels, num_classes, probe, hidden)
+        self.probe, self.mask_fn, self.softmax_scale, self.top_k = probe, mask_fn, softmax_scale, top_k
+        # Set only by `cifs_labels` for the duration of one train-mode forward; a plain attribute
+        # (not a buffer), so it never enters the state dict.
+        self.labels: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
+
+    def relevance(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
+        # enable_grad: the relevance is itself a gradient, needed even under torch.no_grad().
+        with torch.enable_grad():
+            u_detached = u.detach().requires_grad_(True)
+            q = self.head(u_detached)
+            classes = select_classes(q.detach(), self.top_k, labels)  # indices: no gradient
+            score = q.gather(1, classes).sum()
+            (g,) = torch.autograd.grad(score, u_detached, create_graph=self.training)
+        return g
+
+    def channel_mask(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The channel mask m (B x C) for z, in z's dtype."""
+        g = self.relevance(global_average_pool(z), labels)
+        return relevance_mask(g, self.mask_fn, self.softmax_scale).to(z.dtype)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        p = self.head(global_average_pool(z))
+        m = self.channel_mask(z, self._labels_for(z) if self.training else None)
+        return z * m[:, :, None, None], {"probe": p}
+
+    def _labels_for(self, z: torch.Tensor) -> torch.Tensor:
+        """The labels set by `cifs_labels`, checked against the batch."""
+        if self.labels is None:
+            raise ValueError(
+                "CIFS in train mode needs the true labels (the relevance uses the label's logit): "
+                "run the forward inside `with cifs_labels(model, y):`, or call model.eval() "
+                "for label-free (top-k) masks")
+        if self.labels.shape != (z.shape[0],):
+            raise ValueError(f"CIFS labels have shape {tuple(self.labels.shape)}, "
+                             f"expected ({z.shape[0]},) for this batch")
+        return self.labels
+
+
+@contextlib.contextmanager
+def cifs_labels(model: nn.Module, labels: torch.Tensor):
+    """Give every CIFS module in `model` the batch labels for the forward(s) inside the block.
+
+    Restores each module's previous labels on exit, also on exceptions, so labels never leak into
+    a later forward. Yields the CIFS modules found (an empty list for a model without CIFS).
+    """
+    modules = [m for m in model.modules() if isinstance(m, CIFS)]
+    previous = [m.labels for m in modules]
+    for m in modules:
+        m.labels = labels
+    try:
+        yield modules
+    finally:
+        for m, old in zip(modules, previous):
+            m.labels = old
+
+
+# =============================================================================================
+# The network that hosts it
+# =============================================================================================
+
+
+def resolve(args: Args) -> Args:
+    """Fill every None setting with the paper default of the dataset and backbone (SPEC.md §1-2)."""
+    info = dataset_info(args.dataset)
+    defaults = DEFAULTS[args.dataset]
+    values = dict(model=defaults["model"], epochs=defaults["epochs"], lr=defaults["lr"],
+                  weight_decay=defaults["weight_decay"], milestones=defaults["milestones"],
+                  augment=info.augment, epsilon=info.epsilon, attack_steps=defaults["attack_steps"])
+    if args.model == "wrn28_10":  # CIFS's WRN-28-10: 110 epochs, weight decay 5e-4, MLP probe width 240
+        values.update(epochs=110, weight_decay=5e-4)
+    resolved = dataclasses.replace(args, **{k: v for k, v in values.items() if getattr(args, k) is None})
+    if resolved.attack_step_size is None:
+        resolved.attack_step_size = defaults["step"] * resolved.epsilon
+    if resolved.hidden is None:
+        resolved.hidden = 240 if resolved.model == "wrn28_10" else 128
+    if resolved.positions is None:
+        resolved.positions, probes = DEFAULT_POSITIONS.get(resolved.model, (None, None))
+        resolved.probes = resolved.probes or probes
+    return resolved
+
+
+def input_shape(args: Args) -> tuple[int, int, int]:
+    if args.dataset == "synthetic" and args.synthetic_shape:
+        return tuple(int(v) for v in args.synthetic_shape.split(","))
+    return dataset_info(args.dataset).shape
+
+
+def build_network(args: Args) -> Network:
+    """The backbone with a CIFS module at each position. Other backbones default to their last two
+    units (MLP probe, then linear probe), mirroring the ResNet-18 layout."""
+    net = build_model(args.model, dataset_info(args.dataset).num_classes, input_shape(args))
+    if args.no_cifs:
+        return net
+    positions = (args.positions or ",".join(net.unit_names[-2:])).split(",")
+    probes = args.probes.split(",") if args.probes else ["mlp"] * (len(positions) - 1) + ["linear"]
+    if len(probes) != len(positions):
+        raise ValueError(f"--probes gives {len(probes)} probe types for {len(positions)} positions")
+    for position, probe in zip(positions, probes):
+        channels = net.feature_shapes[net.canonical(position)][0]
+        net.insert(position, CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn,
+                                  args.softmax_scale, args.top_k))
+    return net
+
+
+# =============================================================================================
+# Losses (CIFS Eq. 3; SPEC.md §4)
+# =============================================================================================
+
+
+def probe_loss(emitted: list, y: torch.Tensor) -> torch.Tensor:
+    """(1 / L_c) sum_l CE(p_l, y): the probe term of Eq. 3 (beta multiplies it); 0 without probes."""
+    if not emitted:
+        return torch.zeros((), device=y.device)
+    return torch.stack([F.cross_entropy(e["probe"].float(), y) for e in emitted]).mean()
+
+
+def cifs_loss(logits: torch.Tensor, emitted: list, y: torch.Tensor, beta: float = 2.0,
+              official_scale: bool = False) -> tuple[torch.Tensor, dict]:
+    """CIFS Eq. (3): CE(final, y) + (beta / L_c) * sum_l CE(p_l, y), L_c = number of CIFS layers.
+
+    official_scale=True multiplies the whole loss by 3 / (beta + 1), as the official training
+    code does (= 1 at beta = 2); only matters for the beta ablation. Computed in fp32.
+    Returns (loss, parts): parts holds detached tensors (no device sync) for logging:
+    "cls" = CE(final), "probe" = mean over layers of CE(p_l) (the term beta multiplies).
+    """
+    cls = F.cross_entropy(logits.float(), y)
+    probe = probe_loss(emitted, y)
+    loss = cls + beta * probe  # beta * mean_l == (beta / L_c) * sum_l
+    if official_scale:
+        loss = loss * (3.0 / (beta + 1.0))
+    return loss, {"cls": cls.detach(), "probe": probe.detach()}
+
+
+def joint_attack_loss(beta: float = 2.0):
+    """Per-example CE(final) + (beta / L_c) * sum_l CE(p_l), in fp32: the loss the CIFS training
+    attack maximises (SPEC §4; the adaptive attack of Table B.3 with beta_atk = beta).
+    For `attacks.pgd`, which passes the raw model output (logits, emitted)."""
+    def loss_fn(output, y: torch.Tensor) -> torch.Tensor:
+        logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
+        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        if emitted:
+            probe_sum = sum(F.cross_entropy(e["probe"].float(), y, reduction="none") for e in emitted)
+            loss = loss + (beta / len(emitted)) * probe_sum
+        return loss
+    return loss_fn
+
+
+# ---- shared block: strategy losses (identical in fsr.py and cifs.py) ----------------------------
+
+
+def trades_loss(logits_clean, logits_adv, y, beta):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL_batchmean(p(x) || p(x')); the clean
+    distribution is not detached (SPEC.md §5)."""
+    kl = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_clean.float(), 1), reduction="batchmean")
+    return F.cross_entropy(logits_clean.float(), y) + beta * kl
+
+
+def mart_loss(logits_clean, logits_adv, y, beta):
+    """MART (Wang et al. 2020): BCE(p', y) + beta * mean_i KL(p_i || p'_i) (1 - p_i,y), with
+    BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
+    probs_adv = F.softmax(logits_adv.float(), 1)
+    probs_clean = F.softmax(logits_clean.float(), 1)
+    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
+    kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
+    true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted_ce + beta * (kl * (1.0000001 - true_clean)).mean()
+
+
+def classification_loss(strategy, logits, y, logits_clean, args):
+    """L_cls of the strategy on the final logits (SPEC.md §5). `logits` are those of the training
+    batch (adversarial, or clean for `natural`); `logits_clean` only for TRADES and MART."""
+    if strategy == "trades":
+        return trades_loss(logits_clean, logits, y, args.trades_beta)
+    if strategy == "mart":
+        return mart_loss(logits_clean, logits, y, args.mart_beta)
+    return F.cross_entropy(logits.float(), y)  # natural, AT (Madry), FAT
+
+
+def fat_tau(epoch, epochs):
+    """FAT's tau schedule 0 -> 1 -> 2, switching at 50 % and 75 % of training (SPEC.md §5)."""
+    return 0 if epoch < 0.5 * epochs else 1 if epoch < 0.75 * epochs else 2
+
+
+def craft_adversarial(model, x, y, args, epoch, attack_loss):
+    """The inner maximisation. Attacks run in eval mode (deterministic modules, BatchNorm running
+    statistics, nothing updated) and take input-only gradients (attacks.py)."""
+    eps, step, steps = args.epsilon, args.attack_step_size, args.attack_steps
+    if args.strategy == "natural":
+        return x
+    if args.strategy == "at":  # Madry: uniform random start
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="uniform")
+    if args.strategy == "trades":  # KL attack from x + 0.001 N on the final logits
+        return attacks.trades_attack(model, x, eps, step, steps)
+    if args.strategy == "mart":  # CE-PGD from x + 0.001 N
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="normal")
+    if args.strategy == "fat":  # early-stopped PGD-K-tau
+        return attacks.fat_attack(model, x, y, eps, step, steps, tau=fat_tau(epoch, args.epochs), loss=attack_loss)
+    raise ValueError(f"unknown strategy {args.strategy!r}")
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+# =============================================================================================
+# The training step
+# =============================================================================================
+
+
+def forward(model, x, y):
+    """The parameter-update forward: in train mode CIFS uses the true label's logit (SPEC.md §4)."""
+    with cifs_labels(model, y):
+        return model(x)
+
+
+def objective(loss_cls, logits, emitted, y, args):
+    """Eq. 3 with the strategy's L_cls: L_cls + (beta / L_c) sum_l CE(p_l, y) on the training batch
+    (adversarial, or clean for `natural`). For AT this is exactly `cifs_loss`.
+    Decision (not in the paper or code): with TRADES and MART, L_cls is the strategy's loss on the
+    final logits and the probe terms use the adversarial batch, as for AT."""
+    probe = probe_loss(emitted, y)
+    loss = loss_cls + args.beta * probe
+    if args.official_scale:  # the official training code's 3/(beta+1) (= 1 at beta = 2)
+        loss = loss * (3.0 / (args.beta + 1.0))
+    return loss, ({"probe": probe} if emitted else {})
+
+
+def attack_loss(args):
+    """The training attack maximises the joint loss of Eq. 3, CE(final) + (beta / L_c) sum_l CE(p_l),
+    with the training beta (2; SPEC.md §4), in eval mode; vanilla models (no probes) get plain CE."""
+    return joint_attack_loss(args.beta)
+
+
+# ---- shared block: training step (identical in fsr.py and cifs.py) -----------------------------
+
+
+def training_step(model, x, y, args, epoch, autocast):
+    """One batch: the attack in eval mode, then the parameter-update forward(s) in train mode.
+    Returns (loss, parts for logging, logits of the training batch)."""
+    with autocast():
+        x_train = craft_adversarial(model, x, y, args, epoch, attack_loss(args))
+    model.train()
+    with autocast():
+        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
+        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        logits_clean = forward(model, x, y)[0] if args.strategy in ("trades", "mart") else None
+        logits, emitted = forward(model, x_train, y)
+        loss_cls = classification_loss(args.strategy, logits, y, logits_clean, args)
+        loss, parts = objective(loss_cls, logits, emitted, y, args)
+    return loss, {"cls": loss_cls, **parts}, logits
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+# ---- shared block: training loop (identical in fsr.py and cifs.py) -----------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or written by another method."""
+
+
+def parse_args(argv=None) -> Args:
+    """argparse from the Args dataclass: kebab-case flags, one help line each."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.default is False:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        elif meta["type"] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            kind = meta["type"] or type(f.default)
+            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings that would silently train something else."""
+    if not 0 < args.epsilon <= 1:
+        raise ValueError(f"--epsilon {args.epsilon} is not in (0, 1]: budgets are in image units "
+                         f"(pass 8/255 = {8 / 255:.5f}, not 8)")
+    if args.eval_every < 1 or args.epochs < 1:
+        raise ValueError("--epochs and --eval-every must be at least 1")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """The one place seeds are set (weights, data order, augmentation, attack noise)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def learning_rate(args: Args, epoch: int) -> float:
+    """Step schedule: 10x lower from each milestone on. Milestones are 1-indexed epochs, as in the
+    official FSR code (`if epoch >= 75: lr *= 0.1`); 0-indexed `epoch` e is epoch e + 1."""
+    milestones = [int(m) for m in args.milestones.split(",") if m]
+    return args.lr * 0.1 ** sum(epoch + 1 >= m for m in milestones)
+
+
+def default_run_name(args: Args) -> str:
+    variant = f"no{METHOD}" if getattr(args, f"no_{METHOD}") else METHOD
+    return f"{METHOD}_{args.dataset}_{args.model}_{args.strategy}_{variant}_seed{args.seed}"
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomic: write a temporary file next to the target, then rename over it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, method: str = METHOD) -> dict:
+    """Load a checkpoint of this method, or explain precisely why not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): {error}") from error
+    if not isinstance(checkpoint, dict) or "method" not in checkpoint or "args" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
+    if checkpoint["method"] != method:
+        raise CheckpointError(f"{path!r} is a {checkpoint['method']} checkpoint; "
+                              f"resume it with {checkpoint['method']}.py (evaluate.py reads both)")
+    return checkpoint
+
+
+def device_settings(args: Args):
+    """(device, amp, autocast factory, memory format): bf16 autocast and channels_last default
+    to on with CUDA, off on the CPU."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if args.amp is None else args.amp
+    channels_last = on_cuda if args.channels_last is None else args.channels_last
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return device, amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.no_grad()
+def _count_correct(model, x, y):
+    return (model(x)[0].argmax(1) == y).sum()
+
+
+def evaluate(model, loader, args) -> tuple[float, float]:
+    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol,
+    SPEC.md §6) in fp32 on the held-out images."""
+    model.eval()
+    clean = robust = total = 0
+    for x, y in loader.epoch(0):
+        x_adv = attacks.pgd(model, x, y, args.epsilon, args.epsilon / 10, args.eval_steps, random_start_kind=None)
+        clean += _count_correct(model, x, y)
+        robust += _count_correct(model, x_adv, y)
+        total += len(y)
+    return float(clean) / total, float(robust) / total
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(args: Args, log=print) -> dict:
+    """The whole run: data on the device, model, optimiser, resume, epochs, checkpoints, logs.
+    Returns the last epoch's metrics."""
+    resume_from = args.resume
+    if resume_from:  # the run's own settings; only the device may change
+        checkpoint = load_checkpoint(resume_from)
+        args = dataclasses.replace(Args(**checkpoint["args"]), resume=resume_from, device=args.device)
+    else:
+        args = resolve(args)
+        checkpoint = None
+    check_args(args)
+    device, amp, autocast, memory_format = device_settings(args)
+    seed_everything(args.seed, args.deterministic)
+
+    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
+        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
+    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as file:
+        json.dump(dataclasses.asdict(args), file, indent=2)
+
+    # Data: the training split on the device as uint8, augmented there (models.DeviceLoader).
+    info = dataset_info(args.dataset)
+    shape = input_shape(args)
+    train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
+                               synthetic_size=args.synthetic_size, seed=args.seed)
+    train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
+    train_loader = DeviceLoader(train_split, args.batch_size, device, shuffle=True, augment=args.augment,
+                                padding=info.padding or 4,  # 4 when crop_flip is forced on a dataset without it
+                                seed=args.seed, channels_last=memory_format == torch.channels_last)
+    val_loader = DeviceLoader(val_split, 500, device, shuffle=False) if val_split is not None else None
+
+    model = build_network(args).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start_epoch, best_robust = 0, -1.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best_robust = checkpoint["epoch"], checkpoint["best_robust"]
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        log(f"resumed {resume_from} at epoch {start_epoch}")
+    elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
+        model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        log(f"initialised the weights from {args.init_from}")
+    compute_model = torch.compile(model) if args.compile else model
+
+    log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} train / {len(val_split) if val_split else 0} val), "
+        f"strategy {args.strategy}, {count_parameters(model) / 1e6:.2f} M params, device {device}, "
+        f"{'bf16 autocast' if amp else 'fp32'}, run {run_dir}")
+    metrics, epoch_times = {}, []
+    for epoch in range(start_epoch, args.epochs):
+        lr = learning_rate(args, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = last_print = time.time()
+        sums, correct, seen = {}, 0, 0
+        for step, (x, y) in enumerate(train_loader.epoch(epoch)):
+            loss, parts, logits = training_step(compute_model, x, y, args, epoch, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
+                sums[name] = sums.get(name, 0) + value.detach() * len(y)
+            correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
+            if time.time() - last_print > args.log_interval:
+                last_print = time.time()
+                log(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {float(sums['loss']) / seen:.4f} "
+                    f"{seen / (last_print - started):.0f} img/s")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - started
+        epoch_times.append(seconds)
+        metrics = {"epoch": epoch + 1, "lr": lr, **{name: float(total) / seen for name, total in sums.items()},
+                   "train_accuracy": float(correct) / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+        if val_loader and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            metrics["val_clean"], metrics["val_robust"] = evaluate(model, val_loader, args)
+        state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "best_robust": best_robust, "metrics": metrics,
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        if metrics.get("val_robust", -1.0) > best_robust:
+            best_robust = state["best_robust"] = metrics["val_robust"]
+            save_checkpoint(state, os.path.join(run_dir, "best.pt"))
+        save_checkpoint(state, os.path.join(run_dir, "last.pt"))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
+            file.write(json.dumps(metrics) + "\n")
+        eta = (args.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
+        losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sums)
+        val = f" | val clean {metrics['val_clean']:.2%} pgd{args.eval_steps} {metrics['val_robust']:.2%}" \
+            if "val_robust" in metrics else ""
+        log(f"epoch {epoch + 1}/{args.epochs} | lr {lr:.4g} | {losses} | train acc {metrics['train_accuracy']:.2%}{val} "
+            f"| {metrics['images_per_second']:.0f} img/s | {seconds:.1f} s | ETA {format_seconds(eta)}")
+    return metrics
+
+
+def forward_equivalents(args: Args) -> int:
+    """Forward-pass equivalents per training image (an input-only backward ~ 1 forward, a full
+    backward ~ 2): the attack's steps, the TRADES attack's clean forward, the update passes."""
+    attack = 0 if args.strategy == "natural" else 2 * args.attack_steps + (args.strategy == "trades")
+    update = 6 if args.strategy in ("trades", "mart") else 3
+    return attack + update
+
+
+def benchmark(args: Args, log=print) -> dict:
+    """Time training steps on random data of the dataset's shape (no dataset needed)."""
+    args = resolve(args)
+    check_args(args)
+    device, amp, autocast, memory_format = device_settings(args)
+    seed_everything(args.seed, args.deterministic)
+    shape, info = input_shape(args), dataset_info(args.dataset)
+    model = build_network(args).to(device, memory_format=memory_format)
+    plain = build_model(args.model, info.num_classes, shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    compute_model = torch.compile(model) if args.compile else model
+    x = torch.rand(args.batch_size, *shape, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, info.num_classes, (args.batch_size,), device=device)
+
+    def step():
+        loss, _, _ = training_step(compute_model, x, y, args, 0, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up: cuDNN autotuning, compilation
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.time()
+    for _ in range(args.benchmark_steps):
+        step()
+    sync()
+    seconds = time.time() - started
+    flops = count_flops(model, shape)
+    images_per_second = args.benchmark_steps * args.batch_size / seconds
+    result = {"images_per_second": images_per_second,
+              "seconds_per_epoch": info.train_size / images_per_second,
+              "tflops_per_second": images_per_second * forward_equivalents(args) * flops / 1e12,
+              "forward_gflops": flops / 1e9, "parameters": count_parameters(model),
+              "plain_forward_gflops": count_flops(plain, shape) / 1e9, "plain_parameters": count_parameters(plain),
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    log(f"{METHOD} benchmark: {args.model} {args.strategy} on {args.dataset}-shaped data, batch {args.batch_size}, "
+        f"{device}, {'bf16' if amp else 'fp32'}{', compiled' if args.compile else ''}: "
+        f"{images_per_second:.0f} img/s, {result['seconds_per_epoch']:.1f} s/epoch ({info.train_size} images), "
+        f"{result['tflops_per_second']:.2f} TFLOP/s ({forward_equivalents(args)} forward-equivalents x "
+        f"{result['forward_gflops']:.4f} GFLOP/image); params {result['parameters'] / 1e6:.2f} M "
+        f"(backbone alone {result['plain_parameters'] / 1e6:.2f} M, {result['plain_forward_gflops']:.4f} GFLOPs)"
+        + (f"; peak memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else ""))
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        benchmark(args) if args.benchmark else train(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    main()

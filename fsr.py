@@ -1,0 +1,661 @@
+"""FSR: Feature Separation and Recalibration for adversarial robustness, one file.
+
+Paper:  W. J. Kim, Y. Cho, J. Jung, S.-E. Yoon, "Feature Separation and Recalibration for
+        Adversarial Robustness", CVPR 2023 (../shared/papers/fsr.txt; SPEC.md §3).
+Code:   https://github.com/wkim97/FSR (the official implementation; differences are listed in
+        comments marked "Official code:" and in README.md).
+
+Run:
+    python fsr.py --dataset cifar10 --strategy trades          # ResNet-18 + FSR, TRADES
+    python fsr.py --dataset cifar10 --strategy at --no-fsr     # the vanilla baseline, same loop and seed
+    python fsr.py --dataset svhn --model vgg16 --strategy mart
+    python fsr.py --dataset synthetic --device cpu --epochs 3  # offline CPU demo
+    python fsr.py --resume runs/<run-name>/last.pt             # continue an interrupted run
+    python fsr.py --benchmark                                  # time training steps, FLOPs, params
+
+The file reads top to bottom: Args -> the FSR module -> the network that hosts it -> losses ->
+the training step -> the training loop -> main(). Blocks marked "shared block" are identical in
+cifs.py (tests/test_shared_blocks.py checks it), so each file stands alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attacks
+from models import (DeviceLoader, Network, build_model, count_flops, count_parameters, dataset_info,
+                    load_dataset, split_validation)
+
+METHOD = "fsr"
+
+
+def arg(default, help: str, type=None, choices=None):
+    """A dataclass field that carries its command-line help (one line per flag)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class Args:
+    # --- what to train ------------------------------------------------------------------------
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | tinyimagenet | fmnist | synthetic")
+    model: str = arg(None, "backbone (default per dataset: resnet18; fmnist resnet10; synthetic smallcnn)", str)
+    strategy: str = arg("at", "adversarial-training strategy (SPEC.md §5)",
+                        choices=("natural", "at", "trades", "mart", "fat"))
+    no_fsr: bool = arg(False, "train the vanilla backbone through the identical loop (the baseline)")
+    positions: str = arg(None, "comma-separated FSR positions (default: resnet18 layer4, vgg16 stage4, "
+                         "wrn34_10 final; FSR Table A4: e.g. layer3,layer4)", str)
+    # --- FSR (SPEC.md §3) and its ablations (FSR Tables 6, A4-A7, Fig. A1) ------------------------
+    tau: float = arg(0.1, "Gumbel-softmax temperature tau of Eq. 2")
+    lambda_sep: float = arg(1.0, "weight lambda_sep of the separation loss (Eq. 3, 5)")
+    lambda_rec: float = arg(1.0, "weight lambda_rec of the recalibration loss (Eq. 4, 5)")
+    hidden: int = arg(64, "hidden width of the Separation and Recalibration nets")
+    no_separation: bool = arg(False, "ablation: no Separation net (m = 0: recalibrate everything, L_rec only)")
+    no_recalibration: bool = arg(False, "ablation: no Recalibration net (output f+, L_sep only)")
+    binary_mask: bool = arg(False, "ablation: binary mask sigma(r) >= 0.5 instead of Gumbel softmax (Table A6)")
+    y_prime: str = arg("mispredicted", "target of the non-robust head (Table A5)",
+                       choices=("mispredicted", "uniform", "entropy", "average"))
+    # --- optimisation (None = the paper default of the dataset, SPEC.md §1) ------------------
+    epochs: int = arg(None, "training epochs", int)
+    lr: float = arg(None, "initial SGD learning rate", float)
+    weight_decay: float = arg(None, "SGD weight decay (all parameters)", float)
+    milestones: str = arg(None, "comma-separated epochs (1-indexed) from which the lr is 10x lower", str)
+    batch_size: int = arg(128, "training batch size")
+    momentum: float = arg(0.9, "SGD momentum")
+    augment: str = arg(None, "training augmentation (default per dataset)", str, ("none", "crop_flip"))
+    # --- the training attack -----------------------------------------------------------------
+    epsilon: float = arg(None, "L-inf budget in image units, e.g. 0.0314 for 8/255 (default per dataset)", float)
+    attack_steps: int = arg(None, "steps of the training attack", int)
+    attack_step_size: float = arg(None, "step of the training attack (default eps/4; SVHN eps/8)", float)
+    trades_beta: float = arg(6.0, "TRADES beta")
+    mart_beta: float = arg(6.0, "MART beta (the MART ResNet-18 script used 5)")
+    # --- validation during training ------------------------------------------------------------
+    val_size: int = arg(1000, "training images held out to pick best.pt (0: no validation)")
+    eval_every: int = arg(5, "evaluate clean and PGD accuracy on the held-out images every N epochs (and at the end)")
+    eval_steps: int = arg(20, "PGD steps of that evaluation (step eps/10, no random start, fp32)")
+    # --- data, device, speed -------------------------------------------------------------------
+    data_root: str = arg("data", "dataset folder")
+    synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
+    synthetic_shape: str = arg(None, "C,H,W of the synthetic dataset (default 3,32,32)", str)
+    seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
+    deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
+    device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
+    amp: bool = arg(None, "bf16 autocast for training and the training attack (default: on with CUDA)", bool)
+    channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
+    compile: bool = arg(False, "torch.compile the network")
+    # --- bookkeeping -------------------------------------------------------------------------
+    run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
+    runs_dir: str = arg("runs", "where run folders go")
+    resume: str = arg(None, "continue from this last.pt (its settings are used; --device may change)", str)
+    init_from: str = arg(None, "start from the weights of this checkpoint of the same method (warm start)", str)
+    log_interval: float = arg(30.0, "seconds between progress lines within an epoch")
+    benchmark: bool = arg(False, "time training steps on random data of the dataset's shape, then exit")
+    benchmark_steps: int = arg(20, "timed steps of --benchmark")
+
+
+# Paper defaults per dataset (FSR paper §4.1 and official run script; SPEC.md §1).
+# Fashion-MNIST is not in the FSR paper: its recipe is the CIFS one. Synthetic is a CPU demo.
+DEFAULTS = {
+    "cifar10": dict(model="resnet18", epochs=100, lr=0.1, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "cifar100": dict(model="resnet18", epochs=100, lr=0.1, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "svhn": dict(model="resnet18", epochs=100, lr=0.01, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 8),
+    "tinyimagenet": dict(model="resnet18", epochs=100, lr=0.1, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 4),
+    "fmnist": dict(model="resnet10", epochs=120, lr=0.1, weight_decay=5e-4, milestones="45,75,90", attack_steps=20, step=0.02 / 0.3),
+    "synthetic": dict(model="smallcnn", epochs=10, lr=0.05, weight_decay=5e-4, milestones="8,10", attack_steps=5, step=1 / 4),
+}
+DEFAULT_POSITIONS = {"vgg16": "stage4"}  # everything else: after the last unit (layer4, final, ...)
+
+
+# =============================================================================================
+# The FSR module (paper §3; SPEC.md §3)
+# =============================================================================================
+
+
+def conv_net(channels: int, hidden: int) -> nn.Sequential:
+    """conv3x3(C->h)-BN-ReLU-conv3x3(h->h)-BN-ReLU-conv3x3(h->C), no biases (official code).
+    Used for both S and R. The paper text ends R with conv-BN-ReLU; SPEC.md §3: follow the code."""
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, channels, 3, padding=1, bias=False))
+
+
+class FSR(nn.Module):
+    """Feature Separation and Recalibration on a feature map f (B x C x H x W).
+
+    forward(f) -> (f~, heads): f~ = f+ + f~- replaces f downstream; `heads` holds the auxiliary
+    logits h(f+), h(f-), h(f~-) for the losses (Eq. 3-4) and the mask m (for analysis).
+    The Gumbel noise is on in train mode and off in eval mode, so evaluation and every attack
+    (the training attack included: attacks run in eval mode) see the deterministic mask.
+    """
+
+    def __init__(self, channels: int, num_classes: int, hidden: int = 64, tau: float = 0.1,
+                 separation: bool = True, recalibration: bool = True, binary_mask: bool = False):
+        super().__init__()
+        self.tau, self.binary_mask = tau, binary_mask
+        self.separation = conv_net(channels, hidden) if separation else None      # S: f -> r
+        self.recalibration = conv_net(channels, hidden) if recalibration else None  # R
+        self.head = nn.Linear(channels, num_classes)  # h: shared by f+, f-, f~- (the code's one linear layer)
+
+    def mask(self, robustness_map: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: m = softmax{(log s + g1)/tau, (log(1-s) + g2)/tau}[0] with s = sigmoid(r),
+        g = -log(-log(u)), and the official 1e-8 guards. A two-way softmax is the sigmoid of the
+        difference, which is what we compute. Training: u1, u2 ~ U(0, 1) per element; evaluation:
+        u1 = u2 = 0.5 (the mean of U(0, 1)), so g1 = g2 and m = sigmoid(r / tau) up to the guards.
+        Computed in fp32: 1/tau = 10 amplifies bf16 rounding."""
+        score = torch.sigmoid(robustness_map.float())
+        if self.binary_mask:  # Table A6 "Binary", Eq. 8: b = [sigmoid(r) >= 0.5] (no gradient to S)
+            return (score >= 0.5).float()
+        if self.training:
+            u_pos, u_neg = torch.rand_like(score), torch.rand_like(score)
+        else:
+            u_pos = u_neg = torch.full_like(score, 0.5)
+        gumbel_pos = -torch.log(-torch.log(u_pos + 1e-8) + 1e-8)
+        gumbel_neg = -torch.log(-torch.log(u_neg + 1e-8) + 1e-8)
+        logit_pos = (torch.log(score + 1e-8) + gumbel_pos) / (self.tau + 1e-8)
+        logit_neg = (torch.log(1 - score + 1e-8) + gumbel_neg) / (self.tau + 1e-8)
+        return torch.sigmoid(logit_pos - logit_neg)
+
+    def forward(self, feature: torch.Tensor):
+        if self.separation is not None:
+            mask = self.mask(self.separation(feature))  # m+ = m (robust), m- = 1 - m
+        else:  # "w/o Separation" (Table 6): m = 0, every activation is recalibrated
+            mask = torch.zeros_like(feature, dtype=torch.float32)
+        robust = mask * feature                   # f+ = m+ (x) f          (§3.1)
+        non_robust = (1 - mask) * feature         # f- = m- (x) f
+        heads = {"mask": mask}
+        if self.separation is not None:
+            heads["robust"] = self.head(pool(robust))          # p+ of Eq. 3
+            heads["non_robust"] = self.head(pool(non_robust))  # p- of Eq. 3
+        if self.recalibration is None:  # "w/o Recalibration" (Table 6): non-robust activations dropped
+            return robust, heads
+        recalibrated = non_robust + (1 - mask) * self.recalibration(non_robust)  # f~- = f- + m- (x) R(f-) (§3.2)
+        heads["recalibrated"] = self.head(pool(recalibrated))                    # p~- of Eq. 4
+        return robust + recalibrated, heads    # f~ = f+ + f~-
+
+
+def pool(feature: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(feature, 1).flatten(1)
+
+
+# =============================================================================================
+# The network that hosts it
+# =============================================================================================
+
+
+def resolve(args: Args) -> Args:
+    """Fill every None setting with the paper default of the dataset (SPEC.md §1)."""
+    info = dataset_info(args.dataset)
+    defaults = DEFAULTS[args.dataset]
+    values = dict(model=defaults["model"], epochs=defaults["epochs"], lr=defaults["lr"],
+                  weight_decay=defaults["weight_decay"], milestones=defaults["milestones"],
+                  augment=info.augment, epsilon=info.epsilon, attack_steps=defaults["attack_steps"])
+    resolved = dataclasses.replace(args, **{k: v for k, v in values.items() if getattr(args, k) is None})
+    if resolved.attack_step_size is None:
+        resolved.attack_step_size = defaults["step"] * resolved.epsilon
+    if resolved.positions is None:
+        resolved.positions = DEFAULT_POSITIONS.get(resolved.model, "")
+    return resolved
+
+
+def input_shape(args: Args) -> tuple[int, int, int]:
+    if args.dataset == "synthetic" and args.synthetic_shape:
+        return tuple(int(v) for v in args.synthetic_shape.split(","))
+    return dataset_info(args.dataset).shape
+
+
+def build_network(args: Args) -> Network:
+    """The backbone with one FSR module at each position (each with its own S, R and h; Eq. 5)."""
+    net = build_model(args.model, dataset_info(args.dataset).num_classes, input_shape(args))
+    if args.no_fsr:
+        return net
+    for position in (args.positions or net.unit_names[-1]).split(","):
+        channels = net.feature_shapes[net.canonical(position)][0]
+        net.insert(position, FSR(channels, net.num_classes, args.hidden, args.tau, separation=not args.no_separation,
+                                 recalibration=not args.no_recalibration, binary_mask=args.binary_mask))
+    return net
+
+
+# =============================================================================================
+# Losses
+# =============================================================================================
+
+
+def top_wrong_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y' of Eq. 3: the highest-scoring wrong class of the final logits (an index, no gradient)."""
+    return logits.detach().masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).argmax(1)
+
+
+def non_robust_loss(logits: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor, kind: str) -> torch.Tensor:
+    """The second term of Eq. 3 and its Table A5 variants."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    if kind == "mispredicted":  # ours in the paper: CE towards the most probable mistake y'
+        return F.nll_loss(log_probs, y_wrong)
+    if kind == "uniform":  # "Uniform": CE towards the uniform distribution over all classes
+        return -log_probs.mean(1).mean()
+    if kind == "entropy":  # "Entropy max.": minimise the negative entropy of p-
+        return (log_probs.exp() * log_probs).sum(1).mean()
+    if kind == "average":  # "Avg. targeted loss": mean CE over every class except the true one
+        others = ~F.one_hot(y, logits.shape[1]).bool()
+        return -(log_probs * others).sum(1).div(others.sum(1)).mean()
+    raise ValueError(f"unknown y' variant {kind!r}")
+
+
+def fsr_loss(logits: torch.Tensor, emitted: list, y: torch.Tensor, args: Args):
+    """Eq. 5 without L_cls: (1/|L|) sum_l (lambda_sep L_sep^l + lambda_rec L_rec^l), with
+    L_sep = CE(h(f+), y) + CE(h(f-), y') (Eq. 3) and L_rec = CE(h(f~-), y) (Eq. 4), all on the
+    batch the classification loss trains on (the adversarial one), y' from its final logits."""
+    zero = logits.new_zeros((), dtype=torch.float32)
+    if not emitted:  # vanilla backbone
+        return zero, {}
+    y_wrong = top_wrong_class(logits, y)
+    separation, recalibration = zero, zero
+    for heads in emitted:
+        if "robust" in heads:
+            separation = separation + F.cross_entropy(heads["robust"].float(), y) \
+                + non_robust_loss(heads["non_robust"], y, y_wrong, args.y_prime)
+        if "recalibrated" in heads:
+            recalibration = recalibration + F.cross_entropy(heads["recalibrated"].float(), y)
+    separation, recalibration = separation / len(emitted), recalibration / len(emitted)
+    return args.lambda_sep * separation + args.lambda_rec * recalibration, {"sep": separation, "rec": recalibration}
+
+
+# ---- shared block: strategy losses (identical in fsr.py and cifs.py) ----------------------------
+
+
+def trades_loss(logits_clean, logits_adv, y, beta):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL_batchmean(p(x) || p(x')); the clean
+    distribution is not detached (SPEC.md §5)."""
+    kl = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_clean.float(), 1), reduction="batchmean")
+    return F.cross_entropy(logits_clean.float(), y) + beta * kl
+
+
+def mart_loss(logits_clean, logits_adv, y, beta):
+    """MART (Wang et al. 2020): BCE(p', y) + beta * mean_i KL(p_i || p'_i) (1 - p_i,y), with
+    BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
+    probs_adv = F.softmax(logits_adv.float(), 1)
+    probs_clean = F.softmax(logits_clean.float(), 1)
+    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
+    kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
+    true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)
+    return boosted_ce + beta * (kl * (1.0000001 - true_clean)).mean()
+
+
+def classification_loss(strategy, logits, y, logits_clean, args):
+    """L_cls of the strategy on the final logits (SPEC.md §5). `logits` are those of the training
+    batch (adversarial, or clean for `natural`); `logits_clean` only for TRADES and MART."""
+    if strategy == "trades":
+        return trades_loss(logits_clean, logits, y, args.trades_beta)
+    if strategy == "mart":
+        return mart_loss(logits_clean, logits, y, args.mart_beta)
+    return F.cross_entropy(logits.float(), y)  # natural, AT (Madry), FAT
+
+
+def fat_tau(epoch, epochs):
+    """FAT's tau schedule 0 -> 1 -> 2, switching at 50 % and 75 % of training (SPEC.md §5)."""
+    return 0 if epoch < 0.5 * epochs else 1 if epoch < 0.75 * epochs else 2
+
+
+def craft_adversarial(model, x, y, args, epoch, attack_loss):
+    """The inner maximisation. Attacks run in eval mode (deterministic modules, BatchNorm running
+    statistics, nothing updated) and take input-only gradients (attacks.py)."""
+    eps, step, steps = args.epsilon, args.attack_step_size, args.attack_steps
+    if args.strategy == "natural":
+        return x
+    if args.strategy == "at":  # Madry: uniform random start
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="uniform")
+    if args.strategy == "trades":  # KL attack from x + 0.001 N on the final logits
+        return attacks.trades_attack(model, x, eps, step, steps)
+    if args.strategy == "mart":  # CE-PGD from x + 0.001 N
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="normal")
+    if args.strategy == "fat":  # early-stopped PGD-K-tau
+        return attacks.fat_attack(model, x, y, eps, step, steps, tau=fat_tau(epoch, args.epochs), loss=attack_loss)
+    raise ValueError(f"unknown strategy {args.strategy!r}")
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+# =============================================================================================
+# The training step
+# =============================================================================================
+
+
+def forward(model, x, y):
+    """The parameter-update forward (FSR needs no labels inside the network)."""
+    return model(x)
+
+
+def objective(loss_cls, logits, emitted, y, args):
+    """The full objective of Eq. 5: L_cls of the strategy plus the FSR terms."""
+    loss_fsr, parts = fsr_loss(logits, emitted, y, args)
+    return loss_cls + loss_fsr, parts
+
+
+def attack_loss(args):
+    """The training attack of FSR maximises CE on the final logits only (SPEC.md §3)."""
+    return attacks.cross_entropy_loss
+
+
+# ---- shared block: training step (identical in fsr.py and cifs.py) -----------------------------
+
+
+def training_step(model, x, y, args, epoch, autocast):
+    """One batch: the attack in eval mode, then the parameter-update forward(s) in train mode.
+    Returns (loss, parts for logging, logits of the training batch)."""
+    with autocast():
+        x_train = craft_adversarial(model, x, y, args, epoch, attack_loss(args))
+    model.train()
+    with autocast():
+        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
+        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        logits_clean = forward(model, x, y)[0] if args.strategy in ("trades", "mart") else None
+        logits, emitted = forward(model, x_train, y)
+        loss_cls = classification_loss(args.strategy, logits, y, logits_clean, args)
+        loss, parts = objective(loss_cls, logits, emitted, y, args)
+    return loss, {"cls": loss_cls, **parts}, logits
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+# ---- shared block: training loop (identical in fsr.py and cifs.py) -----------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or written by another method."""
+
+
+def parse_args(argv=None) -> Args:
+    """argparse from the Args dataclass: kebab-case flags, one help line each."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.default is False:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        elif meta["type"] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            kind = meta["type"] or type(f.default)
+            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings that would silently train something else."""
+    if not 0 < args.epsilon <= 1:
+        raise ValueError(f"--epsilon {args.epsilon} is not in (0, 1]: budgets are in image units "
+                         f"(pass 8/255 = {8 / 255:.5f}, not 8)")
+    if args.eval_every < 1 or args.epochs < 1:
+        raise ValueError("--epochs and --eval-every must be at least 1")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """The one place seeds are set (weights, data order, augmentation, attack noise)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def learning_rate(args: Args, epoch: int) -> float:
+    """Step schedule: 10x lower from each milestone on. Milestones are 1-indexed epochs, as in the
+    official FSR code (`if epoch >= 75: lr *= 0.1`); 0-indexed `epoch` e is epoch e + 1."""
+    milestones = [int(m) for m in args.milestones.split(",") if m]
+    return args.lr * 0.1 ** sum(epoch + 1 >= m for m in milestones)
+
+
+def default_run_name(args: Args) -> str:
+    variant = f"no{METHOD}" if getattr(args, f"no_{METHOD}") else METHOD
+    return f"{METHOD}_{args.dataset}_{args.model}_{args.strategy}_{variant}_seed{args.seed}"
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomic: write a temporary file next to the target, then rename over it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, method: str = METHOD) -> dict:
+    """Load a checkpoint of this method, or explain precisely why not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): {error}") from error
+    if not isinstance(checkpoint, dict) or "method" not in checkpoint or "args" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
+    if checkpoint["method"] != method:
+        raise CheckpointError(f"{path!r} is a {checkpoint['method']} checkpoint; "
+                              f"resume it with {checkpoint['method']}.py (evaluate.py reads both)")
+    return checkpoint
+
+
+def device_settings(args: Args):
+    """(device, amp, autocast factory, memory format): bf16 autocast and channels_last default
+    to on with CUDA, off on the CPU."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if args.amp is None else args.amp
+    channels_last = on_cuda if args.channels_last is None else args.channels_last
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return device, amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.no_grad()
+def _count_correct(model, x, y):
+    return (model(x)[0].argmax(1) == y).sum()
+
+
+def evaluate(model, loader, args) -> tuple[float, float]:
+    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol,
+    SPEC.md §6) in fp32 on the held-out images."""
+    model.eval()
+    clean = robust = total = 0
+    for x, y in loader.epoch(0):
+        x_adv = attacks.pgd(model, x, y, args.epsilon, args.epsilon / 10, args.eval_steps, random_start_kind=None)
+        clean += _count_correct(model, x, y)
+        robust += _count_correct(model, x_adv, y)
+        total += len(y)
+    return float(clean) / total, float(robust) / total
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(args: Args, log=print) -> dict:
+    """The whole run: data on the device, model, optimiser, resume, epochs, checkpoints, logs.
+    Returns the last epoch's metrics."""
+    resume_from = args.resume
+    if resume_from:  # the run's own settings; only the device may change
+        checkpoint = load_checkpoint(resume_from)
+        args = dataclasses.replace(Args(**checkpoint["args"]), resume=resume_from, device=args.device)
+    else:
+        args = resolve(args)
+        checkpoint = None
+    check_args(args)
+    device, amp, autocast, memory_format = device_settings(args)
+    seed_everything(args.seed, args.deterministic)
+
+    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
+        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
+    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as file:
+        json.dump(dataclasses.asdict(args), file, indent=2)
+
+    # Data: the training split on the device as uint8, augmented there (models.DeviceLoader).
+    info = dataset_info(args.dataset)
+    shape = input_shape(args)
+    train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
+                               synthetic_size=args.synthetic_size, seed=args.seed)
+    train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
+    train_loader = DeviceLoader(train_split, args.batch_size, device, shuffle=True, augment=args.augment,
+                                padding=info.padding or 4,  # 4 when crop_flip is forced on a dataset without it
+                                seed=args.seed, channels_last=memory_format == torch.channels_last)
+    val_loader = DeviceLoader(val_split, 500, device, shuffle=False) if val_split is not None else None
+
+    model = build_network(args).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start_epoch, best_robust = 0, -1.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best_robust = checkpoint["epoch"], checkpoint["best_robust"]
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        log(f"resumed {resume_from} at epoch {start_epoch}")
+    elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
+        model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        log(f"initialised the weights from {args.init_from}")
+    compute_model = torch.compile(model) if args.compile else model
+
+    log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} train / {len(val_split) if val_split else 0} val), "
+        f"strategy {args.strategy}, {count_parameters(model) / 1e6:.2f} M params, device {device}, "
+        f"{'bf16 autocast' if amp else 'fp32'}, run {run_dir}")
+    metrics, epoch_times = {}, []
+    for epoch in range(start_epoch, args.epochs):
+        lr = learning_rate(args, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = last_print = time.time()
+        sums, correct, seen = {}, 0, 0
+        for step, (x, y) in enumerate(train_loader.epoch(epoch)):
+            loss, parts, logits = training_step(compute_model, x, y, args, epoch, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
+                sums[name] = sums.get(name, 0) + value.detach() * len(y)
+            correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
+            if time.time() - last_print > args.log_interval:
+                last_print = time.time()
+                log(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {float(sums['loss']) / seen:.4f} "
+                    f"{seen / (last_print - started):.0f} img/s")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - started
+        epoch_times.append(seconds)
+        metrics = {"epoch": epoch + 1, "lr": lr, **{name: float(total) / seen for name, total in sums.items()},
+                   "train_accuracy": float(correct) / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+        if val_loader and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            metrics["val_clean"], metrics["val_robust"] = evaluate(model, val_loader, args)
+        state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "best_robust": best_robust, "metrics": metrics,
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        if metrics.get("val_robust", -1.0) > best_robust:
+            best_robust = state["best_robust"] = metrics["val_robust"]
+            save_checkpoint(state, os.path.join(run_dir, "best.pt"))
+        save_checkpoint(state, os.path.join(run_dir, "last.pt"))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
+            file.write(json.dumps(metrics) + "\n")
+        eta = (args.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
+        losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sums)
+        val = f" | val clean {metrics['val_clean']:.2%} pgd{args.eval_steps} {metrics['val_robust']:.2%}" \
+            if "val_robust" in metrics else ""
+        log(f"epoch {epoch + 1}/{args.epochs} | lr {lr:.4g} | {losses} | train acc {metrics['train_accuracy']:.2%}{val} "
+            f"| {metrics['images_per_second']:.0f} img/s | {seconds:.1f} s | ETA {format_seconds(eta)}")
+    return metrics
+
+
+def forward_equivalents(args: Args) -> int:
+    """Forward-pass equivalents per training image (an input-only backward ~ 1 forward, a full
+    backward ~ 2): the attack's steps, the TRADES attack's clean forward, the update passes."""
+    attack = 0 if args.strategy == "natural" else 2 * args.attack_steps + (args.strategy == "trades")
+    update = 6 if args.strategy in ("trades", "mart") else 3
+    return attack + update
+
+
+def benchmark(args: Args, log=print) -> dict:
+    """Time training steps on random data of the dataset's shape (no dataset needed)."""
+    args = resolve(args)
+    check_args(args)
+    device, amp, autocast, memory_format = device_settings(args)
+    seed_everything(args.seed, args.deterministic)
+    shape, info = input_shape(args), dataset_info(args.dataset)
+    model = build_network(args).to(device, memory_format=memory_format)
+    plain = build_model(args.model, info.num_classes, shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    compute_model = torch.compile(model) if args.compile else model
+    x = torch.rand(args.batch_size, *shape, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, info.num_classes, (args.batch_size,), device=device)
+
+    def step():
+        loss, _, _ = training_step(compute_model, x, y, args, 0, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up: cuDNN autotuning, compilation
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.time()
+    for _ in range(args.benchmark_steps):
+        step()
+    sync()
+    seconds = time.time() - started
+    flops = count_flops(model, shape)
+    images_per_second = args.benchmark_steps * args.batch_size / seconds
+    result = {"images_per_second": images_per_second,
+              "seconds_per_epoch": info.train_size / images_per_second,
+              "tflops_per_second": images_per_second * forward_equivalents(args) * flops / 1e12,
+              "forward_gflops": flops / 1e9, "parameters": count_parameters(model),
+              "plain_forward_gflops": count_flops(plain, shape) / 1e9, "plain_parameters": count_parameters(plain),
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    log(f"{METHOD} benchmark: {args.model} {args.strategy} on {args.dataset}-shaped data, batch {args.batch_size}, "
+        f"{device}, {'bf16' if amp else 'fp32'}{', compiled' if args.compile else ''}: "
+        f"{images_per_second:.0f} img/s, {result['seconds_per_epoch']:.1f} s/epoch ({info.train_size} images), "
+        f"{result['tflops_per_second']:.2f} TFLOP/s ({forward_equivalents(args)} forward-equivalents x "
+        f"{result['forward_gflops']:.4f} GFLOP/image); params {result['parameters'] / 1e6:.2f} M "
+        f"(backbone alone {result['plain_parameters'] / 1e6:.2f} M, {result['plain_forward_gflops']:.4f} GFLOPs)"
+        + (f"; peak memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else ""))
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        benchmark(args) if args.benchmark else train(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+# ---- end shared block ------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    main()
