@@ -227,6 +227,9 @@ class CIFS(nn.Module):
         # Set only by `cifs_labels` for the duration of one train-mode forward; a plain attribute
         # (not a buffer), so it never enters the state dict.
         self.labels: torch.Tensor | None = None
+        # Opt-in (evaluate.py --differentiable-mask, an adaptive attack neither paper ran): the
+        # relevance is taken on u itself with create_graph, so input gradients flow through m.
+        self.differentiable_mask = False
 
     def extra_repr(self) -> str:
         return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
@@ -235,11 +238,14 @@ class CIFS(nn.Module):
         """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
         # enable_grad: the relevance is itself a gradient, needed even under torch.no_grad().
         with torch.enable_grad():
-            u_detached = u.detach().requires_grad_(True)
+            if self.differentiable_mask and u.requires_grad:  # the mask stays on the input's graph
+                u_detached, create_graph = u, True
+            else:
+                u_detached, create_graph = u.detach().requires_grad_(True), self.training
             q = self.head(u_detached)
             classes = select_classes(q.detach(), self.top_k, labels)  # indices: no gradient
             score = q.gather(1, classes).sum()
-            (g,) = torch.autograd.grad(score, u_detached, create_graph=self.training)
+            (g,) = torch.autograd.grad(score, u_detached, create_graph=create_graph)
         return g
 
     def channel_mask(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -610,15 +616,7 @@ def train(args: Args, log=print) -> dict:
     check_args(args)
     device, amp, autocast, memory_format = device_settings(args)
     seed_everything(args.seed, args.deterministic)
-
-    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
-        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
-    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
-                              f"or another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as file:
-        json.dump(dataclasses.asdict(args), file, indent=2)
+    model = build_network(args).to(device, memory_format=memory_format)
 
     # Data: the training split on the device as uint8, augmented there (models.DeviceLoader).
     info = dataset_info(args.dataset)
@@ -631,7 +629,16 @@ def train(args: Args, log=print) -> dict:
                                 seed=args.seed, channels_last=memory_format == torch.channels_last)
     val_loader = DeviceLoader(val_split, 500, device, shuffle=False) if val_split is not None else None
 
-    model = build_network(args).to(device, memory_format=memory_format)
+    # The run folder only now: bad positions or a missing dataset leave nothing behind.
+    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
+        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
+    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as file:
+        json.dump(dataclasses.asdict(args), file, indent=2)
+
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch, best_robust = 0, -1.0
     if checkpoint:
@@ -643,7 +650,10 @@ def train(args: Args, log=print) -> dict:
             torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
         log(f"resumed {resume_from} at epoch {start_epoch}")
     elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
-        model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        except RuntimeError as error:  # another backbone, positions or probes
+            raise CheckpointError(f"--init-from {args.init_from!r} does not fit this network: {error}") from error
         log(f"initialised the weights from {args.init_from}")
     compute_model = torch.compile(model) if args.compile else model
 

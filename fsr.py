@@ -148,6 +148,9 @@ class FSR(nn.Module):
         self.separation = conv_net(channels, hidden) if separation else None      # S: f -> r
         self.recalibration = conv_net(channels, hidden) if recalibration else None  # R
         self.head = nn.Linear(channels, num_classes)  # h: shared by f+, f-, f~- (the code's one linear layer)
+        # Which feature forward passes downstream (FSR Table 5 analysis, set by evaluate.py):
+        # "full" f~ (the method), "robust" f+, "non_robust" f-, "recalibrated" f~-.
+        self.output = "full"
 
     def mask(self, robustness_map: torch.Tensor) -> torch.Tensor:
         """Eq. 2: m = softmax{(log s + g1)/tau, (log(1-s) + g2)/tau}[0] with s = sigmoid(r),
@@ -179,10 +182,16 @@ class FSR(nn.Module):
         if self.separation is not None:
             heads["robust"] = self.head(pool(robust))          # p+ of Eq. 3
             heads["non_robust"] = self.head(pool(non_robust))  # p- of Eq. 3
+        if self.output == "robust":  # Table 5: f+ in place of f~
+            return robust, heads
+        if self.output == "non_robust":  # Table 5: f- in place of f~
+            return non_robust, heads
         if self.recalibration is None:  # "w/o Recalibration" (Table 6): non-robust activations dropped
             return robust, heads
         recalibrated = non_robust + (1 - mask) * self.recalibration(non_robust)  # f~- = f- + m- (x) R(f-) (§3.2)
         heads["recalibrated"] = self.head(pool(recalibrated))                    # p~- of Eq. 4
+        if self.output == "recalibrated":  # Table 5: f~- in place of f~
+            return recalibrated, heads
         return robust + recalibrated, heads    # f~ = f+ + f~-
 
 
@@ -500,15 +509,7 @@ def train(args: Args, log=print) -> dict:
     check_args(args)
     device, amp, autocast, memory_format = device_settings(args)
     seed_everything(args.seed, args.deterministic)
-
-    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
-        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
-    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
-                              f"or another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as file:
-        json.dump(dataclasses.asdict(args), file, indent=2)
+    model = build_network(args).to(device, memory_format=memory_format)
 
     # Data: the training split on the device as uint8, augmented there (models.DeviceLoader).
     info = dataset_info(args.dataset)
@@ -521,7 +522,16 @@ def train(args: Args, log=print) -> dict:
                                 seed=args.seed, channels_last=memory_format == torch.channels_last)
     val_loader = DeviceLoader(val_split, 500, device, shuffle=False) if val_split is not None else None
 
-    model = build_network(args).to(device, memory_format=memory_format)
+    # The run folder only now: bad positions or a missing dataset leave nothing behind.
+    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
+        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
+    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as file:
+        json.dump(dataclasses.asdict(args), file, indent=2)
+
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch, best_robust = 0, -1.0
     if checkpoint:
@@ -533,7 +543,10 @@ def train(args: Args, log=print) -> dict:
             torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
         log(f"resumed {resume_from} at epoch {start_epoch}")
     elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
-        model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(args.init_from)["model"])
+        except RuntimeError as error:  # another backbone, positions or probes
+            raise CheckpointError(f"--init-from {args.init_from!r} does not fit this network: {error}") from error
         log(f"initialised the weights from {args.init_from}")
     compute_model = torch.compile(model) if args.compile else model
 

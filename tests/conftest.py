@@ -12,6 +12,10 @@ import torch.nn.functional as F
 import attacks
 from models import build_model, make_synthetic
 
+# One thread per test process: the suite runs one pytest-xdist worker per core (`-n auto`), and
+# the tiny convolutions here are fastest, and least sensitive to other load, on a single thread.
+torch.set_num_threads(1)
+
 SHAPE = (3, 16, 16)
 EPS = 8 / 255
 

@@ -1,0 +1,753 @@
+"""Evaluate checkpoints of fsr.py and cifs.py under the papers' protocol (SPEC.md §6).
+
+    python evaluate.py runs/a/last.pt runs/b/last.pt            # the main table, full test set
+    python evaluate.py runs/a/last.pt --n-examples 2000         # class-balanced subset (indices saved)
+    python evaluate.py runs/cifs/last.pt --adaptive             # + CIFS adaptive attacks (Table B.3)
+    python evaluate.py runs/a/last.pt --attacks natural,pgd20 --random-start --restarts 5
+    python evaluate.py runs/cifs/last.pt --differentiable-mask  # + attacks through the CIFS mask
+    python evaluate.py runs/a/last.pt --transfer-source runs/natural/last.pt --nattack  # Table 3
+    python evaluate.py runs/a/last.pt --fsr-analysis            # FSR Table 5: f+, f-, f~- and k-NN
+    python evaluate.py runs/a/last.pt --masking-report          # FSR appendix C checks
+    python evaluate.py runs/cifs/last.pt --channel-analysis     # CIFS Fig. 1/3/A.2 data
+
+Protocol (defaults, both authors' test scripts): eval mode, fp32, the full test set, the eps of the
+checkpoint's dataset; FGSM from x; PGD-20 / PGD-100 with steps of eps/10 from x (no random start;
+Fashion-MNIST: steps 0.01 / 0.02); C&W = 30 PGD steps of eps/10 on the margin loss with kappa 50;
+Ensemble = per-example AND of natural-correct and robust to FGSM, PGD-20, PGD-100 and C&W;
+AutoAttack = the official `standard` version (pyautoattack).
+
+Writes, next to the first checkpoint unless --out is given: table.md (the table), and per
+checkpoint <name>.json (per-example correctness per attack, the indices, the protocol, package
+versions, timings, and the opt-in analyses under "differentiable_mask", "transfer", "nattack",
+"fsr_analysis", "masking_report", "channel_analysis") and <name>.csv (one row per example).
+No plots are drawn: every analysis keeps its data in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import attacks
+from cifs import CIFS
+from fsr import FSR
+from models import dataset_info, load_dataset
+
+METHODS = ("fsr", "cifs")
+MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
+ENSEMBLE_OF = ("natural", "fgsm", "pgd20", "pgd100", "cw")
+COLUMN_TITLES = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "C&W",
+                 "ensemble": "Ensemble", "autoattack": "AutoAttack",
+                 "fgsm-dm": "FGSM-dm", "pgd20-dm": "PGD-20-dm", "pgd100-dm": "PGD-100-dm", "cw-dm": "C&W-dm",
+                 "ensemble-dm": "Ensemble-dm", "ti-fgsm": "TI-FGSM", "di-fgsm": "DI-FGSM", "nattack": "NAttack"}
+TABLE_ORDER = ("natural", "fgsm", "pgd20", "pgd100", "cw", "ensemble", "autoattack", "fgsm-dm", "pgd20-dm",
+               "pgd100-dm", "cw-dm", "ensemble-dm", "ti-fgsm", "di-fgsm", "nattack")
+# FSR Table 5: the feature each FSR module passes on instead of f~ (FSR.output).
+FSR_OUTPUTS = ("robust", "non_robust", "recalibrated")
+KNN_K = (5, 20)
+KNN_TEMPERATURE = 0.07  # gamma of the k-NN weights exp(cos / gamma) (SPEC.md §6, Open)
+# Gradient-masking report (FSR appendix C): PGD step counts (step 2.5 eps / steps, Madry et al.'s
+# rule, so every count can reach the boundary of the ball) and budgets as multiples of eps
+# (8/255 -> 1, 2, 4, ..., 128 /255), each with PGD-20 of step eps'/10.
+MASKING_STEPS = (1, 2, 5, 10, 20, 50, 100)
+MASKING_EPS_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)
+MASKING_TOLERANCE = 0.01  # "non-increasing" allows this accuracy rise (or one example, if more)
+# beta_atk of the CIFS adaptive attacks (Table B.3): the attack loss is
+# l(final) + (beta / L) sum_l l(p_l); "inf" attacks the heads only, "inf-k" the k-th head only.
+ADAPTIVE_BETAS = ("0", "0.1", "1", "2", "10", "100", "inf", "inf-1", "inf-2")
+# Auxiliary heads trained towards the true label, in the order of `emitted` (the sweep attacks them).
+LABEL_HEADS = ("probe", "robust", "recalibrated")
+
+
+def arg(default, help: str, type=None):
+    return field(default=default, metadata={"help": help, "type": type})
+
+
+@dataclass
+class Args:
+    checkpoints: list = arg(None, "checkpoints written by fsr.py or cifs.py")
+    attacks: str = arg(",".join(MAIN_ATTACKS), "comma-separated columns: " + ", ".join(MAIN_ATTACKS))
+    n_examples: int = arg(None, "evaluate a class-balanced subset of this size (default: the full test set)", int)
+    subset_seed: int = arg(0, "seed of the subset (its indices are saved)")
+    random_start: bool = arg(False, "PGD and C&W from a uniform random start (default: from x)")
+    restarts: int = arg(1, "PGD / C&W restarts, worst case per example")
+    cw_steps: int = arg(30, "C&W steps")
+    kappa: float = arg(50.0, "C&W margin kappa")
+    aa_version: str = arg("standard", "AutoAttack version: standard | plus | rand")
+    adaptive: bool = arg(False, "CIFS adaptive attacks: sweep beta_atk over " + " ".join(ADAPTIVE_BETAS))
+    epsilon: float = arg(None, "L-inf budget in image units (default: the dataset's)", float)
+    batch_size: int = arg(500, "evaluation batch size")
+    data_root: str = arg("data", "dataset folder")
+    device: str = arg(None, "cuda | cpu (default: cuda if available)", str)
+    seed: int = arg(0, "seed of random starts and AutoAttack")
+    out: str = arg(None, "output folder (default: <first checkpoint's folder>/eval)", str)
+    log_interval: float = arg(30.0, "seconds between progress lines within an attack")
+    differentiable_mask: bool = arg(False, "also attack CIFS models through a differentiable mask (columns *-dm)")
+    transfer_source: str = arg(None, "checkpoint whose TI-FGSM / DI-FGSM examples are transferred (FSR Table 3)", str)
+    nattack: bool = arg(False, "NAttack on a class-balanced sample (FSR Table 3)")
+    nattack_examples: int = arg(1000, "NAttack test images (class-balanced, from the full test split)")
+    nattack_seed: int = arg(0, "seed of the NAttack sample (its indices are saved)")
+    nattack_queries: int = arg(40_000, "NAttack query budget per image")
+    nattack_population: int = arg(300, "NAttack population per iteration")
+    nattack_batch_size: int = arg(20, "images per NAttack batch (each costs `population` forwards per step)")
+    fsr_analysis: bool = arg(False, "FSR Table 5: f+, f-, f~- in place of f~, and weighted k-NN of adversarial features")
+    knn_train_examples: int = arg(10_000, "natural training images of the k-NN reference set (class-balanced)")
+    masking_report: bool = arg(False, "gradient-masking checks of FSR appendix C (PASS / FAIL per check)")
+    channel_analysis: bool = arg(False, "CIFS Fig. 1/3/A.2: per-class channel activations, natural and PGD-20")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint evaluate.py cannot use: missing, unreadable, or not from fsr.py / cifs.py."""
+
+
+# =============================================================================================
+# Rebuilding a model from what its checkpoint records
+# =============================================================================================
+
+
+def load_network(path: str, device):
+    """(model in eval mode, the run's Args, the method's module) from a checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): {error}") from error
+    method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if method not in METHODS or "args" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
+    module = importlib.import_module(method)  # fsr.py or cifs.py knows how to build its network
+    run_args = module.Args(**checkpoint["args"])
+    model = module.build_network(run_args)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), run_args, module
+
+
+def test_split(run_args, data_root: str):
+    """The test split of the run's dataset (for synthetic: the run's shape and seed)."""
+    shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
+    split = load_dataset(run_args.dataset, data_root, train=False, synthetic_shape=shape, seed=run_args.seed)
+    return split.images.float() / 255, split.labels
+
+
+def balanced_subset(labels: torch.Tensor, n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """n indices, n // K per class (the rest from the first classes), chosen by `seed`, sorted."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        take = n // num_classes + (c < n % num_classes)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+# =============================================================================================
+# Attacks of the table
+# =============================================================================================
+
+
+def step_sizes(dataset: str, eps: float) -> dict:
+    """PGD-20 / PGD-100 / C&W step sizes: eps/10, except Fashion-MNIST's 0.01 and 0.02 (SPEC.md §6)."""
+    if dataset == "fmnist":
+        return {"pgd20": 0.01, "pgd100": 0.02, "cw": eps / 10}
+    return {"pgd20": eps / 10, "pgd100": eps / 10, "cw": eps / 10}
+
+
+def sweep_loss(base: str, beta: str, kappa: float):
+    """Per-example attack loss l(final) + (beta / L) sum_l l(p_l) of the CIFS adaptive attacks, with
+    l = CE or the C&W margin. The C&W margin is used in every branch (the official test script
+    silently falls back to CE for beta in {0, inf-1, inf-2}: not copied)."""
+    def single(logits, y):
+        if base == "cw":
+            return attacks.cw_margin(logits, y, kappa)
+        return attacks.cross_entropy_loss(logits, y)
+
+    def loss(output, y):
+        logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
+        heads = label_heads(emitted)
+        if beta == "0" or not heads:
+            return single(logits, y)
+        if beta.startswith("inf-"):
+            return single(heads[int(beta[4:]) - 1][1], y)
+        head_term = sum(single(h, y) for _, h in heads) / len(heads)
+        return head_term if beta == "inf" else single(logits, y) + float(beta) * head_term
+    return loss
+
+
+def label_heads(emitted: list) -> list:
+    """[(name, logits)] of the auxiliary heads trained towards the label, in forward order."""
+    return [(f"{i}.{key}", out[key]) for i, out in enumerate(emitted) for key in LABEL_HEADS if key in out]
+
+
+def attack_fn(name: str, run_args, args: Args, eps: float, beta: str = "0"):
+    """x_adv = fn(model, x, y) for one column (and one beta_atk of the sweep)."""
+    steps = step_sizes(run_args.dataset, eps)
+    start = "uniform" if args.random_start else None
+    if name == "natural":
+        return lambda model, x, y: x
+    if name == "fgsm":
+        return lambda model, x, y: attacks.fgsm(model, x, y, eps, loss_fn=sweep_loss("ce", beta, args.kappa))
+    if name in ("pgd20", "pgd100"):
+        n = int(name[3:])
+        return lambda model, x, y: attacks.pgd(model, x, y, eps, steps[name], n, sweep_loss("ce", beta, args.kappa),
+                                               start, args.restarts)
+    if name == "cw":
+        return lambda model, x, y: attacks.pgd(model, x, y, eps, steps["cw"], args.cw_steps,
+                                               sweep_loss("cw", beta, args.kappa), start, args.restarts)
+    raise ValueError(f"unknown attack {name!r}; known: {', '.join(MAIN_ATTACKS)}")
+
+
+@torch.no_grad()
+def judge(model, x_adv, y) -> dict:
+    """Per-example correctness of the final prediction, its top-2, and every auxiliary head."""
+    logits, emitted = model(x_adv)
+    verdict = {"final": logits.argmax(1) == y, "top2": (logits.topk(2, 1).indices == y[:, None]).any(1)}
+    for name, head in label_heads(emitted):
+        verdict[f"head {name}"] = head.argmax(1) == y
+    return verdict
+
+
+def run_attack(model, fn, x, y, args: Args, label: str, log) -> tuple[dict, float]:
+    """Apply `fn` batch by batch (each batch seeded, so results do not depend on batching order);
+    returns per-example verdicts and seconds."""
+    started = last = time.time()
+    verdicts = {}
+    device = next(model.parameters()).device
+    for index, begin in enumerate(range(0, len(y), args.batch_size)):
+        torch.manual_seed(args.seed + index)
+        xb, yb = x[begin:begin + args.batch_size].to(device), y[begin:begin + args.batch_size].to(device)
+        for key, value in judge(model, fn(model, xb, yb), yb).items():
+            verdicts.setdefault(key, []).append(value.cpu())
+        if time.time() - last > args.log_interval:
+            last = time.time()
+            log(f"    {label}: {begin + len(yb)}/{len(y)} examples, {time.time() - started:.0f} s")
+    return {key: torch.cat(parts) for key, parts in verdicts.items()}, time.time() - started
+
+
+def run_autoattack(model, x, y, args: Args, eps: float, log) -> tuple[dict, float, list]:
+    started = time.time()
+    device = next(model.parameters()).device
+    x_adv, warnings = attacks.autoattack(model, x.to(device), y.to(device), eps, version=args.aa_version,
+                                         seed=args.seed, batch_size=args.batch_size, progress=True)
+    verdicts, _ = run_attack(model, lambda m, xb, yb: xb, x_adv.cpu(), y, args, "autoattack", log)
+    return verdicts, time.time() - started, warnings
+
+
+# =============================================================================================
+# One checkpoint
+# =============================================================================================
+
+
+def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, run_args, module = load_network(path, device)
+    info = dataset_info(run_args.dataset)
+    eps = args.epsilon if args.epsilon is not None else run_args.epsilon
+    attacks.check_epsilon(eps)
+    x_all, y_all = test_split(run_args, args.data_root)
+    indices = torch.arange(len(y_all)) if args.n_examples is None else \
+        balanced_subset(y_all, args.n_examples, info.num_classes, args.subset_seed)
+    x, y = x_all[indices], y_all[indices]
+    columns = [a for a in args.attacks.split(",") if a]
+    for name in columns:
+        if name not in MAIN_ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; known: {', '.join(MAIN_ATTACKS)}")
+    source = load_network(args.transfer_source, device)[0] if args.transfer_source else None
+    if source is not None:
+        check_compatible(source, model, args.transfer_source)
+    with torch.no_grad():
+        has_heads = bool(label_heads(model(x[:2].to(device))[1]))
+    betas = ADAPTIVE_BETAS if args.adaptive and has_heads else ("0",)
+    log(f"{path}: {run_args.model} ({type(model).__name__}) on {len(y)} {run_args.dataset} test images, eps {eps:.5f}")
+
+    per_example, heads, timings, sweep, aa_warnings = {}, {}, {}, {}, []
+    for name in columns:
+        if name == "autoattack":
+            verdicts, seconds, aa_warnings = run_autoattack(model, x, y, args, eps, log)
+            results = {"0": verdicts}
+        else:
+            results, seconds = run_column(model, name, run_args, args, eps, betas, x, y, log)
+        record_column(name, results, seconds, per_example, heads, timings, sweep, log)
+    if all(name in per_example for name in ENSEMBLE_OF):
+        per_example["ensemble"] = torch.stack([per_example[name] for name in ENSEMBLE_OF]).all(0)
+
+    extra = {}
+    if args.differentiable_mask:
+        extra["differentiable_mask"] = differentiable_mask_columns(model, columns, run_args, args, eps, betas, x, y,
+                                                                  (per_example, heads, timings, sweep), log)
+    if source is not None:  # FSR Table 3: transfer from the source model
+        for name, craft in transfer_attacks(source, eps).items():
+            verdicts, seconds = run_attack(model, craft, x, y, args, name, log)
+            record_column(name, {"0": verdicts}, seconds, per_example, heads, timings, sweep, log)
+        extra["transfer"] = {"source": args.transfer_source, "ti_fgsm": "attacks.ti_fgsm defaults",
+                             "di_fgsm": "attacks.di_fgsm defaults"}
+    accuracy = {name: column_accuracy(name, per_example, sweep) for name in per_example}
+    if args.nattack:
+        extra["nattack"], timings["nattack"] = run_nattack(model, x_all, y_all, info.num_classes, args, eps, log)
+        accuracy["nattack"] = extra["nattack"]["accuracy"]
+    if args.fsr_analysis:
+        extra["fsr_analysis"], timings["fsr_analysis"] = fsr_analysis(model, columns, run_args, args, eps, x, y, log)
+    if args.masking_report:
+        extra["masking_report"], timings["masking_report"] = masking_report(
+            model, x, y, eps, args, log, aa_warnings if "autoattack" in columns else None)
+    if args.channel_analysis:
+        extra["channel_analysis"], timings["channel_analysis"] = channel_analysis(
+            model, attack_fn("pgd20", run_args, args, eps), x, y, info.num_classes, args, log)
+
+    per_class = {name: [v[y == c].float().mean().item() for c in range(info.num_classes)]
+                 for name, v in per_example.items()}
+    return {
+        "checkpoint": path, "method": module.__name__,
+        "run": dataclasses.asdict(run_args), "protocol": protocol(args, run_args, eps, betas),
+        "indices": indices.tolist(), "labels": y.tolist(),
+        "accuracy": accuracy, "adaptive": sweep, "per_class": per_class, "heads_and_top2": heads,
+        "per_example": {name: v.int().tolist() for name, v in per_example.items()},
+        "autoattack_warnings": aa_warnings, "versions": versions(), "timings": timings, **extra,
+    }
+
+
+def run_column(model, name: str, run_args, args: Args, eps: float, betas, x, y, log) -> tuple[dict, float]:
+    """{beta_atk: verdicts} of one white-box column (natural: beta 0 only) and the seconds spent."""
+    results, seconds = {}, 0.0
+    for beta in (betas if name != "natural" else ("0",)):
+        results[beta], spent = run_attack(model, attack_fn(name, run_args, args, eps, beta), x, y, args,
+                                          f"{name} beta_atk={beta}", log)
+        seconds += spent
+    return results, seconds
+
+
+def record_column(name: str, results: dict, seconds: float, per_example, heads, timings, sweep, log) -> None:
+    """Store one column: the minimum over beta_atk, the per-example worst case (AND over beta_atk)
+    that feeds the Ensemble, the heads and top-2 at beta_atk = 0, and the time."""
+    per_example[name] = torch.stack([r["final"] for r in results.values()]).all(0)
+    if len(results) > 1:
+        sweep[name] = {beta: r["final"].float().mean().item() for beta, r in results.items()}
+    heads[name] = {key: v.float().mean().item() for key, v in results["0"].items() if key != "final"}
+    timings[name] = seconds
+    log(f"  {COLUMN_TITLES[name]:>10}: {column_accuracy(name, per_example, sweep):.2%} ({seconds:.1f} s)")
+
+
+# =============================================================================================
+# Differentiable CIFS mask: an adaptive attack neither paper ran
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def differentiable_masks(model: nn.Module):
+    """Every CIFS module of `model` computes its relevance on the non-detached pooled feature
+    (create_graph), so input gradients also flow through the channel mask; restored on exit.
+    With a linear probe the relevance g = W^T e_topk does not depend on the feature, so only the
+    MLP (Softplus) probes add a gradient path."""
+    modules = [m for m in model.modules() if isinstance(m, CIFS)]
+    before = [m.differentiable_mask for m in modules]
+    for m in modules:
+        m.differentiable_mask = True
+    try:
+        yield modules
+    finally:
+        for m, flag in zip(modules, before):
+            m.differentiable_mask = flag
+
+
+def differentiable_mask_columns(model, columns, run_args, args, eps, betas, x, y, tables, log) -> dict:
+    """Columns "<attack>-dm" (same protocol, mask differentiable during the attack; the verdict
+    forward is unchanged) and "ensemble-dm": the per-example AND of the Ensemble's columns and of
+    their -dm versions (an example counts only if it survives both kinds of gradients)."""
+    per_example, heads, timings, sweep = tables
+    if not any(isinstance(m, CIFS) for m in model.modules()):
+        log("  --differentiable-mask: no CIFS module in this model, nothing to do")
+        return {"applied": False, "reason": "no CIFS module"}
+    for name in columns:
+        if name in ("natural", "autoattack"):
+            continue
+        with differentiable_masks(model):
+            results, seconds = run_column(model, name, run_args, args, eps, betas, x, y, log)
+        record_column(name + "-dm", results, seconds, per_example, heads, timings, sweep, log)
+    members = [n for n in ENSEMBLE_OF if n in per_example] + [n + "-dm" for n in ENSEMBLE_OF[1:] if n + "-dm" in per_example]
+    if all(n in per_example for n in ENSEMBLE_OF):
+        per_example["ensemble-dm"] = torch.stack([per_example[n] for n in members]).all(0)
+    return {"applied": True, "ensemble_dm_of": members}
+
+
+# =============================================================================================
+# Black-box attacks (FSR Table 3)
+# =============================================================================================
+
+
+def check_compatible(source, model, path: str) -> None:
+    if source.num_classes != model.num_classes or source.input_shape != model.input_shape:
+        raise ValueError(f"transfer source {path!r} has {source.num_classes} classes and input "
+                         f"{source.input_shape}; the target has {model.num_classes} and {model.input_shape}")
+
+
+def transfer_attacks(source, eps: float) -> dict:
+    """x_adv = fn(target, x, y), crafted on `source` only (the target is used only to judge)."""
+    return {"ti-fgsm": lambda model, x, y: attacks.ti_fgsm(source, x, y, eps),
+            "di-fgsm": lambda model, x, y: attacks.di_fgsm(source, x, y, eps)}
+
+
+def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, log) -> tuple[dict, float]:
+    """NAttack on its own seeded class-balanced sample of the full test split. Accuracy = clean-
+    correct and not broken within the budget; query statistics over the broken clean-correct ones."""
+    started = last = time.time()
+    indices = balanced_subset(y_all, args.nattack_examples, num_classes, args.nattack_seed)
+    x, y = x_all[indices], y_all[indices]
+    device = next(model.parameters()).device
+    correct, broken, queries = [], [], []
+    for index, begin in enumerate(range(0, len(y), args.nattack_batch_size)):
+        torch.manual_seed(args.seed + index)
+        xb, yb = x[begin:begin + args.nattack_batch_size].to(device), y[begin:begin + args.nattack_batch_size].to(device)
+        with torch.no_grad():
+            correct.append((attacks.logits_of(model(xb)).argmax(1) == yb).cpu())
+        x_adv, success, used = attacks.nattack(model, xb, yb, eps, max_queries=args.nattack_queries,
+                                               population=args.nattack_population)
+        with torch.no_grad():  # x_adv is what NAttack queried last: success == misclassified
+            broken.append((attacks.logits_of(model(x_adv)).argmax(1) != yb).cpu())
+        queries.append(used.cpu())
+        if time.time() - last > args.log_interval:
+            last = time.time()
+            log(f"    nattack: {begin + len(yb)}/{len(y)} examples, {time.time() - started:.0f} s")
+    correct, broken, queries = torch.cat(correct), torch.cat(broken), torch.cat(queries)
+    robust = correct & ~broken
+    attacked = correct & broken
+    spent = queries[attacked].float()
+    result = {"indices": indices.tolist(), "accuracy": robust.float().mean().item(),
+              "natural": correct.float().mean().item(), "per_example": robust.int().tolist(),
+              "queries": queries.tolist(), "max_queries": args.nattack_queries,
+              "population": args.nattack_population, "seed": args.nattack_seed,
+              "success_rate": attacked.float().sum().item() / max(1, int(correct.sum())),
+              "mean_queries_successful": spent.mean().item() if len(spent) else None,
+              "median_queries_successful": spent.median().item() if len(spent) else None}
+    log(f"  {'NAttack':>10}: {result['accuracy']:.2%} ({time.time() - started:.1f} s)")
+    return result, time.time() - started
+
+
+# =============================================================================================
+# FSR feature analysis (FSR Table 5)
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def fsr_output(model: nn.Module, output: str):
+    """Every FSR module passes on `output` (robust f+, non_robust f-, recalibrated f~-) instead
+    of f~ for the duration of the block; restored on exit."""
+    modules = [m for m in model.modules() if isinstance(m, FSR)]
+    before = [m.output for m in modules]
+    for m in modules:
+        m.output = output
+    try:
+        yield modules
+    finally:
+        for m, value in zip(modules, before):
+            m.output = value
+
+
+def fsr_analysis(model, columns, run_args, args: Args, eps: float, x, y, log) -> tuple[dict, float]:
+    """Table 5: the requested white-box columns (AutoAttack excluded, beta_atk 0) with f+, f- or
+    f~- in place of f~ (attack and verdict both see the replaced feature), and the weighted k-NN
+    accuracy of PGD-20 features (and natural ones) against natural training features."""
+    started = time.time()
+    modules = [m for m in model.modules() if isinstance(m, FSR)]
+    outputs = {}
+    if not modules:
+        log("  --fsr-analysis: no FSR module in this model, only the k-NN part applies")
+    for output in FSR_OUTPUTS if modules else ():
+        if output == "recalibrated" and any(m.recalibration is None for m in modules):
+            continue  # "w/o Recalibration" models have no f~-
+        outputs[output] = {}
+        with fsr_output(model, output):
+            for name in columns:
+                if name == "autoattack":
+                    continue
+                verdicts, _ = run_attack(model, attack_fn(name, run_args, args, eps), x, y, args,
+                                         f"{name} with {output}", log)
+                outputs[output][name] = verdicts["final"].float().mean().item()
+        log(f"  FSR output {output}: " + ", ".join(f"{n} {a:.2%}" for n, a in outputs[output].items()))
+    knn = knn_report(model, attack_fn("pgd20", run_args, args, eps), run_args, args, x, y, log)
+    return {"outputs": outputs, "knn": knn}, time.time() - started
+
+
+def train_split(run_args, data_root: str):
+    """The training split of the run's dataset (for synthetic: the run's shape, size and seed)."""
+    shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
+    split = load_dataset(run_args.dataset, data_root, train=True, synthetic_shape=shape,
+                         synthetic_size=run_args.synthetic_size, seed=run_args.seed)
+    return split.images.float() / 255, split.labels
+
+
+@torch.no_grad()
+def features_of(model, x, args: Args) -> torch.Tensor:
+    """Pooled penultimate features (`model.features(x)[0]`), batch by batch, on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model.features(x[i:i + args.batch_size].to(device))[0].float().cpu()
+                      for i in range(0, len(x), args.batch_size)])
+
+
+def knn_predict(query: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, k: int,
+                num_classes: int, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity: the k nearest references vote with exp(cos / gamma)."""
+    reference = torch.nn.functional.normalize(reference, dim=1)
+    predictions = []
+    for part in torch.nn.functional.normalize(query, dim=1).split(1024):
+        similarity, nearest = (part @ reference.T).topk(min(k, len(reference)), dim=1)
+        votes = torch.zeros(len(part), num_classes).scatter_add_(1, labels[nearest], (similarity / temperature).exp())
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions)
+
+
+def knn_report(model, pgd20, run_args, args: Args, x, y, log) -> dict:
+    info = dataset_info(run_args.dataset)
+    x_train, y_train = train_split(run_args, args.data_root)
+    chosen = balanced_subset(y_train, args.knn_train_examples, info.num_classes, args.subset_seed)
+    reference, reference_labels = features_of(model, x_train[chosen], args), y_train[chosen]
+    x_adv = torch.cat([x_adv.cpu() for x_adv in adversarial_batches(model, pgd20, x, y, args, "k-NN PGD-20", log)])
+    natural, adversarial = features_of(model, x, args), features_of(model, x_adv, args)
+    result = {"train_examples": len(chosen), "temperature": KNN_TEMPERATURE}
+    for k in KNN_K:
+        for name, query in (("natural", natural), ("adversarial", adversarial)):
+            predicted = knn_predict(query, reference, reference_labels, k, info.num_classes)
+            result[f"{name}_k{k}"] = (predicted == y).float().mean().item()
+    log("  k-NN: " + ", ".join(f"{key} {value:.2%}" for key, value in result.items() if "_k" in key))
+    return result
+
+
+def adversarial_batches(model, fn, x, y, args: Args, label: str, log):
+    """x_adv batch by batch (seeded like `run_attack`), with progress lines."""
+    started = last = time.time()
+    device = next(model.parameters()).device
+    for index, begin in enumerate(range(0, len(y), args.batch_size)):
+        torch.manual_seed(args.seed + index)
+        yield fn(model, x[begin:begin + args.batch_size].to(device), y[begin:begin + args.batch_size].to(device))
+        if time.time() - last > args.log_interval:
+            last = time.time()
+            log(f"    {label}: {min(begin + args.batch_size, len(y))}/{len(y)} examples, {time.time() - started:.0f} s")
+
+
+# =============================================================================================
+# Gradient-masking report (FSR appendix C)
+# =============================================================================================
+
+
+def attacked_accuracy(model, fn, x, y, args: Args, label: str, log) -> float:
+    """Accuracy of any model (logits or (logits, aux)) on fn's x_adv."""
+    correct = 0
+    for begin, x_adv in zip(range(0, len(y), args.batch_size), adversarial_batches(model, fn, x, y, args, label, log)):
+        with torch.no_grad():
+            logits = attacks.logits_of(model(x_adv))
+        correct += (logits.argmax(1).cpu() == y[begin:begin + args.batch_size]).sum().item()
+    return correct / len(y)
+
+
+def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=None,
+                   steps=MASKING_STEPS, eps_factors=MASKING_EPS_FACTORS) -> tuple[dict, float]:
+    """Accuracy vs PGD steps, vs eps, under an unbounded attack, and FGSM vs PGD-20, each with a
+    PASS / FAIL verdict (CE loss, no random start). `aa_warnings`: AutoAttack's, if it ran.
+    `steps` / `eps_factors`: shorter sweeps (tests); the CLI always uses the constants above."""
+    started = time.time()
+    tolerance = max(MASKING_TOLERANCE, 1 / len(y))
+
+    def pgd(budget, step, n):
+        return lambda m, xb, yb: attacks.pgd(m, xb, yb, budget, step, n, random_start_kind=None)
+
+    by_steps = {n: attacked_accuracy(model, pgd(eps, 2.5 * eps / n, n), x, y, args, f"masking PGD-{n}", log)
+                for n in steps}
+    budgets = [min(1.0, eps * f) for f in eps_factors]
+    by_eps = {f"{b:.6g}": attacked_accuracy(model, pgd(b, b / 10, 20), x, y, args, f"masking eps {b:.4f}", log)
+              for b in budgets}
+    unbounded = attacked_accuracy(model, pgd(1.0, 0.05, 100), x, y, args, "masking unbounded", log)
+    fgsm = attacked_accuracy(model, lambda m, xb, yb: attacks.fgsm(m, xb, yb, eps), x, y, args, "masking FGSM", log)
+    pgd20 = attacked_accuracy(model, pgd(eps, eps / 10, 20), x, y, args, "masking PGD-20", log)
+
+    def non_increasing(values):
+        return all(b <= a + tolerance for a, b in zip(values, values[1:]))
+
+    checks = {
+        "steps": non_increasing(list(by_steps.values())),
+        "eps": non_increasing(list(by_eps.values())),
+        "unbounded": unbounded == 0.0,
+        "one_step_vs_iterative": pgd20 <= fgsm,
+    }
+    if aa_warnings is not None:
+        checks["autoattack_warnings"] = not aa_warnings
+    lines = {
+        "steps": "accuracy non-increasing in PGD steps " + str({n: round(a, 4) for n, a in by_steps.items()}),
+        "eps": "accuracy non-increasing in eps " + str({b: round(a, 4) for b, a in by_eps.items()}),
+        "unbounded": f"unbounded attack (eps 1, 100 steps of 0.05) reaches 0 %: {unbounded:.2%}",
+        "one_step_vs_iterative": f"FGSM {fgsm:.2%} >= PGD-20 {pgd20:.2%}",
+        "autoattack_warnings": f"AutoAttack raised no warning: {aa_warnings}",
+    }
+    for name, passed in checks.items():
+        log(f"  {'PASS' if passed else 'FAIL'} {name}: {lines[name]}")
+    report = {"steps": {str(n): a for n, a in by_steps.items()}, "step_size": "2.5 eps / steps",
+              "eps": by_eps, "eps_attack": "PGD-20, step eps/10", "unbounded": unbounded, "fgsm": fgsm,
+              "pgd20": pgd20, "tolerance": tolerance, "autoattack_warnings": aa_warnings,
+              "checks": {name: "PASS" if passed else "FAIL" for name, passed in checks.items()},
+              "passed": all(checks.values())}
+    return report, time.time() - started
+
+
+# =============================================================================================
+# CIFS channel analysis (CIFS appendix A.1, Fig. 1/3/A.2)
+# =============================================================================================
+
+
+def last_linear(model) -> nn.Linear:
+    """The last Linear layer of `model.classifier` (itself for ResNets / WRN / smallcnn; VGG's
+    classifier is an MLP, whose last Linear weighs hidden units rather than feature channels)."""
+    if isinstance(model.classifier, nn.Linear):
+        return model.classifier
+    return [m for m in model.classifier.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def channel_statistics(features: torch.Tensor) -> dict:
+    """Per channel: mean |activation| normalised by its maximum over channels, and the fraction of
+    images in which the activation exceeds 1 % of the largest activation of the group."""
+    magnitude = features.abs().mean(0)
+    threshold = 0.01 * features.abs().max()
+    return {"magnitude": (magnitude / magnitude.max().clamp_min(1e-12)).tolist(),
+            "frequency": (features > threshold).float().mean(0).tolist()}
+
+
+def channel_analysis(model, pgd20, x, y, num_classes: int, args: Args, log) -> tuple[dict, float]:
+    """Per class c: channels ordered by the class's last-layer weights (largest first), and for
+    natural and PGD-20 images of class c the normalised mean magnitude and activation frequency
+    per channel, in that order."""
+    started = time.time()
+    x_adv = torch.cat([b.cpu() for b in adversarial_batches(model, pgd20, x, y, args, "channel PGD-20", log)])
+    natural, adversarial = features_of(model, x, args), features_of(model, x_adv, args)
+    weights = last_linear(model).weight.detach().float().cpu()
+    if weights.shape[1] != natural.shape[1]:
+        raise ValueError(f"last Linear has {weights.shape[1]} inputs but the features have {natural.shape[1]} channels")
+    per_class = {}
+    for c in range(num_classes):
+        members = y == c
+        if not members.any():
+            continue
+        order = weights[c].argsort(descending=True)
+        per_class[str(c)] = {"order": order.tolist(), "weights": weights[c, order].tolist(),
+                             "natural": channel_statistics(natural[members][:, order]),
+                             "adversarial": channel_statistics(adversarial[members][:, order])}
+    log(f"  channel analysis: {len(per_class)} classes x {natural.shape[1]} channels")
+    weighs = "feature channels" if isinstance(model.classifier, nn.Linear) else \
+        "hidden units of the classifier MLP (VGG): the order is only a proxy"
+    return {"channels": natural.shape[1], "classes": per_class, "threshold": "1 % of the max", "weights_of": weighs,
+            "order": "descending last-layer weight of the class"}, time.time() - started
+
+
+# =============================================================================================
+# Reporting
+# =============================================================================================
+
+
+def column_accuracy(name: str, per_example: dict, sweep: dict) -> float:
+    """A column's accuracy: the minimum over beta_atk when swept (Table B.3), else the mean."""
+    if name in sweep:
+        return min(sweep[name].values())
+    return per_example[name].float().mean().item()
+
+
+def protocol(args: Args, run_args, eps: float, betas) -> dict:
+    steps = step_sizes(run_args.dataset, eps)
+    return {"epsilon": eps, "norm": "Linf", "mode": "eval", "precision": "fp32",
+            "random_start": args.random_start, "restarts": args.restarts,
+            "fgsm": "x + eps sign(grad CE)", "pgd20": {"steps": 20, "step_size": steps["pgd20"]},
+            "pgd100": {"steps": 100, "step_size": steps["pgd100"]},
+            "cw": {"steps": args.cw_steps, "step_size": steps["cw"], "kappa": args.kappa},
+            "ensemble": "AND of " + ", ".join(ENSEMBLE_OF), "autoattack": args.aa_version,
+            "adaptive_betas": list(betas), "n_examples": args.n_examples, "subset_seed": args.subset_seed,
+            "seed": args.seed, "differentiable_mask": args.differentiable_mask,
+            "transfer_source": args.transfer_source,
+            "nattack": {"examples": args.nattack_examples, "seed": args.nattack_seed, "queries": args.nattack_queries,
+                        "population": args.nattack_population} if args.nattack else None,
+            "knn": {"k": list(KNN_K), "temperature": KNN_TEMPERATURE, "train_examples": args.knn_train_examples}
+            if args.fsr_analysis else None}
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for package in ("torch", "torchvision", "numpy", "pyautoattack"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+# =============================================================================================
+# Output
+# =============================================================================================
+
+
+def markdown_table(results: list) -> str:
+    columns = [c for c in TABLE_ORDER if any(c in r["accuracy"] for r in results)]
+    lines = ["| model | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for r in results:
+        name = f"{r['run']['model']} {r['run']['strategy']}" + (" (vanilla)" if r["run"].get("no_fsr") or r["run"].get("no_cifs") else "")
+        cells = [f"{100 * r['accuracy'][c]:.2f}" if c in r["accuracy"] else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: list, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    for r in results:
+        stem = os.path.join(out, os.path.basename(os.path.dirname(os.path.abspath(r["checkpoint"]))) or "model")
+        with open(stem + ".json", "w") as file:
+            json.dump(r, file, indent=1, sort_keys=True)
+        with open(stem + ".csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            names = list(r["per_example"])
+            writer.writerow(["index", "label", *names])
+            for i, (index, label) in enumerate(zip(r["indices"], r["labels"])):
+                writer.writerow([index, label, *(r["per_example"][n][i] for n in names)])
+    with open(os.path.join(out, "table.md"), "w") as file:
+        file.write(markdown_table(results))
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help=Args.__dataclass_fields__["checkpoints"].metadata["help"])
+    for f in dataclasses.fields(Args):
+        if f.name == "checkpoints":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is False:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
+                                help=f.metadata["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    try:
+        results = [evaluate_checkpoint(path, args) for path in args.checkpoints]
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
+    write_outputs(results, out)
+    print("\n" + markdown_table(results))
+    print(f"written to {out}/")
+    return results
+
+
+if __name__ == "__main__":
+    main()
