@@ -136,7 +136,7 @@ def load_network(path: str, device):
     return model.to(device).eval(), run_args, module
 
 
-def test_split(run_args, data_root: str):
+def load_test_split(run_args, data_root: str):
     """The test split of the run's dataset (for synthetic: the run's shape and seed)."""
     shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
     split = load_dataset(run_args.dataset, data_root, train=False, synthetic_shape=shape, seed=run_args.seed)
@@ -259,7 +259,7 @@ def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
     attacks.check_epsilon(eps)
-    x_all, y_all = test_split(run_args, args.data_root)
+    x_all, y_all = load_test_split(run_args, args.data_root)
     indices = torch.arange(len(y_all)) if args.n_examples is None else \
         balanced_subset(y_all, args.n_examples, info.num_classes, args.subset_seed)
     x, y = x_all[indices], y_all[indices]
@@ -482,7 +482,7 @@ def fsr_analysis(model, columns, run_args, args: Args, eps: float, x, y, log) ->
     return {"outputs": outputs, "knn": knn}, time.time() - started
 
 
-def train_split(run_args, data_root: str):
+def load_train_split(run_args, data_root: str):
     """The training split of the run's dataset (for synthetic: the run's shape, size and seed)."""
     shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
     split = load_dataset(run_args.dataset, data_root, train=True, synthetic_shape=shape,
@@ -512,7 +512,7 @@ def knn_predict(query: torch.Tensor, reference: torch.Tensor, labels: torch.Tens
 
 def knn_report(model, pgd20, run_args, args: Args, x, y, log) -> dict:
     info = dataset_info(run_args.dataset)
-    x_train, y_train = train_split(run_args, args.data_root)
+    x_train, y_train = load_train_split(run_args, args.data_root)
     chosen = balanced_subset(y_train, args.knn_train_examples, info.num_classes, args.subset_seed)
     reference, reference_labels = features_of(model, x_train[chosen], args), y_train[chosen]
     x_adv = torch.cat([x_adv.cpu() for x_adv in adversarial_batches(model, pgd20, x, y, args, "k-NN PGD-20", log)])
