@@ -348,20 +348,25 @@ def record_column(name: str, results: dict, seconds: float, per_example, heads, 
 
 
 @contextlib.contextmanager
+def module_attribute(model: nn.Module, kind: type, name: str, value):
+    """Set `name` to `value` on every `kind` module of `model` for the block; restored on exit."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    before = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield modules
+    finally:
+        for m, old in zip(modules, before):
+            setattr(m, name, old)
+
+
 def differentiable_masks(model: nn.Module):
     """Every CIFS module of `model` computes its relevance on the non-detached pooled feature
     (create_graph), so input gradients also flow through the channel mask; restored on exit.
     With a linear probe the relevance g = W^T e_topk does not depend on the feature, so only the
     MLP (Softplus) probes add a gradient path."""
-    modules = [m for m in model.modules() if isinstance(m, CIFS)]
-    before = [m.differentiable_mask for m in modules]
-    for m in modules:
-        m.differentiable_mask = True
-    try:
-        yield modules
-    finally:
-        for m, flag in zip(modules, before):
-            m.differentiable_mask = flag
+    return module_attribute(model, CIFS, "differentiable_mask", True)
 
 
 def differentiable_mask_columns(model, columns, run_args, args, eps, betas, x, y, tables, log) -> dict:
@@ -442,19 +447,10 @@ def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, l
 # =============================================================================================
 
 
-@contextlib.contextmanager
 def fsr_output(model: nn.Module, output: str):
     """Every FSR module passes on `output` (robust f+, non_robust f-, recalibrated f~-) instead
     of f~ for the duration of the block; restored on exit."""
-    modules = [m for m in model.modules() if isinstance(m, FSR)]
-    before = [m.output for m in modules]
-    for m in modules:
-        m.output = output
-    try:
-        yield modules
-    finally:
-        for m, value in zip(modules, before):
-            m.output = value
+    return module_attribute(model, FSR, "output", output)
 
 
 def fsr_analysis(model, columns, run_args, args: Args, eps: float, x, y, log) -> tuple[dict, float]:
