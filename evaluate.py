@@ -136,10 +136,12 @@ def load_network(path: str, device):
     return model.to(device).eval(), run_args, module
 
 
-def load_test_split(run_args, data_root: str):
-    """The test split of the run's dataset (for synthetic: the run's shape and seed)."""
-    shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
-    split = load_dataset(run_args.dataset, data_root, train=False, synthetic_shape=shape, seed=run_args.seed)
+def load_split(run_args, data_root: str, train: bool):
+    """A split of the run's dataset as float images in [0, 1]; for synthetic data the run's shape,
+    seed and (training) size, via the method's own `input_shape`."""
+    method = importlib.import_module(type(run_args).__module__)
+    split = load_dataset(run_args.dataset, data_root, train=train, synthetic_shape=method.input_shape(run_args),
+                         synthetic_size=run_args.synthetic_size if train else None, seed=run_args.seed)
     return split.images.float() / 255, split.labels
 
 
@@ -259,7 +261,7 @@ def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
     attacks.check_epsilon(eps)
-    x_all, y_all = load_test_split(run_args, args.data_root)
+    x_all, y_all = load_split(run_args, args.data_root, train=False)
     indices = torch.arange(len(y_all)) if args.n_examples is None else \
         balanced_subset(y_all, args.n_examples, info.num_classes, args.subset_seed)
     x, y = x_all[indices], y_all[indices]
@@ -478,14 +480,6 @@ def fsr_analysis(model, columns, run_args, args: Args, eps: float, x, y, log) ->
     return {"outputs": outputs, "knn": knn}, time.time() - started
 
 
-def load_train_split(run_args, data_root: str):
-    """The training split of the run's dataset (for synthetic: the run's shape, size and seed)."""
-    shape = tuple(int(v) for v in run_args.synthetic_shape.split(",")) if run_args.synthetic_shape else None
-    split = load_dataset(run_args.dataset, data_root, train=True, synthetic_shape=shape,
-                         synthetic_size=run_args.synthetic_size, seed=run_args.seed)
-    return split.images.float() / 255, split.labels
-
-
 @torch.no_grad()
 def features_of(model, x, args: Args) -> torch.Tensor:
     """Pooled penultimate features (`model.features(x)[0]`), batch by batch, on the CPU."""
@@ -508,7 +502,7 @@ def knn_predict(query: torch.Tensor, reference: torch.Tensor, labels: torch.Tens
 
 def knn_report(model, pgd20, run_args, args: Args, x, y, log) -> dict:
     info = dataset_info(run_args.dataset)
-    x_train, y_train = load_train_split(run_args, args.data_root)
+    x_train, y_train = load_split(run_args, args.data_root, train=True)
     chosen = balanced_subset(y_train, args.knn_train_examples, info.num_classes, args.subset_seed)
     reference, reference_labels = features_of(model, x_train[chosen], args), y_train[chosen]
     x_adv = torch.cat([x_adv.cpu() for x_adv in adversarial_batches(model, pgd20, x, y, args, "k-NN PGD-20", log)])

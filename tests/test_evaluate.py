@@ -111,7 +111,7 @@ def test_balanced_subset_is_balanced_seeded_sorted():
 
 def test_subset_indices_are_saved(fsr_report, checkpoints):
     run_args = fsr.Args(**fsr_report["run"])
-    _, y = evaluate.load_test_split(run_args, "data")
+    _, y = evaluate.load_split(run_args, "data", train=False)
     expected = evaluate.balanced_subset(y, 20, 10, seed=0)
     assert fsr_report["indices"] == expected.tolist()
     assert fsr_report["labels"] == y[expected].tolist()
@@ -154,7 +154,7 @@ def test_adaptive_sweep_takes_the_minimum_and_the_per_example_and(checkpoints, t
         assert and_accuracy <= result["accuracy"][name]
     # The per-example vector is the AND over beta_atk: re-run one beta and compare.
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
-    x, y = evaluate.load_test_split(run_args, "data")
+    x, y = evaluate.load_split(run_args, "data", train=False)
     index = torch.tensor(result["indices"])
     args = evaluate.Args(log_interval=1e9)
     worst = None
@@ -174,7 +174,7 @@ def input_gradient(model, x, y):
 
 def test_differentiable_mask_changes_the_attack_gradient_and_is_restored(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
-    x, y = evaluate.load_test_split(run_args, "data")
+    x, y = evaluate.load_split(run_args, "data", train=False)
     x, y = x[:16], y[:16]
     modules = [m for m in model.modules() if isinstance(m, cifs.CIFS)]
     assert modules and not any(m.differentiable_mask for m in modules)
@@ -220,7 +220,7 @@ def test_transfer_columns_and_budget(checkpoints, fsr_report):
         assert len(fsr_report["per_example"][name]) == 20
     source, run_args, _ = evaluate.load_network(checkpoints["natural"], torch.device("cpu"))
     target, _, _ = evaluate.load_network(checkpoints["fsr"], torch.device("cpu"))
-    x, y = evaluate.load_test_split(run_args, "data")
+    x, y = evaluate.load_split(run_args, "data", train=False)
     x, y = x[:32], y[:32]
     target_state = copy.deepcopy(target.state_dict())
     for name, craft in evaluate.transfer_attacks(source, EPS).items():
@@ -234,7 +234,7 @@ def test_transfer_columns_and_budget(checkpoints, fsr_report):
 
 def test_nattack_respects_its_budget(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["fsr"], torch.device("cpu"))
-    x, y = evaluate.load_test_split(run_args, "data")
+    x, y = evaluate.load_split(run_args, "data", train=False)
     args = evaluate.Args(nattack_examples=10, nattack_queries=61, nattack_population=20, nattack_batch_size=4,
                          log_interval=1e9)
     result, _ = evaluate.run_nattack(model, x, y, 10, args, EPS, lambda *a: None)
@@ -313,7 +313,7 @@ class Quantized(torch.nn.Module):
 
 def test_masking_report_passes_honest_and_flags_a_planted_mask(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["natural"], torch.device("cpu"))
-    x, y = evaluate.load_test_split(run_args, "data")
+    x, y = evaluate.load_split(run_args, "data", train=False)
     with torch.no_grad():
         correct = (model(x[:300])[0].argmax(1) == y[:300]).nonzero().squeeze(1)[:12]
     assert len(correct) >= 5
