@@ -314,12 +314,6 @@ def resolve(args: Args) -> Args:
     return resolved
 
 
-def input_shape(args: Args) -> tuple[int, int, int]:
-    if args.dataset == "synthetic" and args.synthetic_shape:
-        return tuple(int(v) for v in args.synthetic_shape.split(","))
-    return dataset_info(args.dataset).shape
-
-
 def build_network(args: Args) -> Network:
     """The backbone with a CIFS module at each position. Other backbones default to their last two
     units (MLP probe, then linear probe), mirroring the ResNet-18 layout."""
@@ -493,6 +487,13 @@ def training_step(model, x, y, args, epoch, autocast):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, or written by another method."""
+
+
+def input_shape(args: Args) -> tuple[int, int, int]:
+    """(C, H, W) of the run's images: the dataset's, or --synthetic-shape for synthetic data."""
+    if args.dataset == "synthetic" and args.synthetic_shape:
+        return tuple(int(v) for v in args.synthetic_shape.split(","))
+    return dataset_info(args.dataset).shape
 
 
 def parse_args(argv=None) -> Args:
