@@ -20,7 +20,8 @@ Writes, next to the first checkpoint unless --out is given: table.md (the table)
 checkpoint <name>.json (per-example correctness per attack, the indices, the protocol, package
 versions, timings, and the opt-in analyses under "differentiable_mask", "transfer", "nattack",
 "fsr_analysis", "masking_report", "channel_analysis") and <name>.csv (one row per example).
-No plots are drawn: every analysis keeps its data in the JSON.
+When matplotlib is installed (optional, never required), the masking report and the channel
+analysis are also drawn: <name>_masking.png and <name>_channels.png; the JSON holds the same data.
 """
 
 from __future__ import annotations
@@ -694,7 +695,81 @@ def markdown_table(results: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(results: list, out: str) -> None:
+def new_figure(columns: int, rows: int = 1, size: tuple = (4.0, 3.2)):
+    """A matplotlib Figure with a grid of axes, or None when matplotlib is not installed. The
+    object-oriented API (no pyplot): no global figure state, no display backend needed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None, None
+    figure = Figure(figsize=(size[0] * columns, size[1] * rows), layout="constrained")
+    return figure, figure.subplots(rows, columns, squeeze=False)
+
+
+def plot_masking_report(report: dict, path: str) -> bool:
+    """FSR appendix C as three panels: accuracy vs PGD steps, accuracy vs eps, and FGSM / PGD-20 /
+    unbounded; each titled with its PASS / FAIL. False when matplotlib is missing."""
+    figure, axes = new_figure(3)
+    if figure is None:
+        return False
+    checks = report["checks"]
+    steps, by_steps = [int(n) for n in report["steps"]], list(report["steps"].values())
+    axes[0, 0].plot(steps, [100 * a for a in by_steps], "o-")
+    axes[0, 0].set(xscale="log", xlabel="PGD steps (step 2.5 eps / steps)", ylabel="robust accuracy (%)",
+                   title=f"steps: {checks['steps']}")
+    budgets, by_eps = [255 * float(b) for b in report["eps"]], list(report["eps"].values())
+    axes[0, 1].plot(budgets, [100 * a for a in by_eps], "o-")
+    axes[0, 1].set(xscale="log", xlabel="eps (x 1/255), PGD-20", ylabel="robust accuracy (%)",
+                   title=f"eps: {checks['eps']}")
+    names = ["FGSM", "PGD-20", "unbounded"]
+    axes[0, 2].bar(names, [100 * report["fgsm"], 100 * report["pgd20"], 100 * report["unbounded"]])
+    axes[0, 2].set(ylabel="robust accuracy (%)", title=f"one-step {checks['one_step_vs_iterative']}, "
+                   f"unbounded {checks['unbounded']}")
+    for ax in axes[0]:
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    figure.suptitle("gradient-masking report: " + ("all checks PASS" if report["passed"] else "a check FAILS"))
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def plot_channel_analysis(analysis: dict, path: str, max_classes: int = 10) -> bool:
+    """CIFS Fig. 1/3/A.2: for each class (the first `max_classes`), the normalised channel
+    magnitude (top row) and activation frequency (bottom row) of natural and PGD-20 images, with
+    channels in the order of the class's last-layer weights. False when matplotlib is missing."""
+    classes = list(analysis["classes"].items())[:max_classes]
+    per_row = min(5, len(classes))
+    figure, axes = new_figure(per_row, 2 * math.ceil(len(classes) / per_row), size=(3.2, 2.4))
+    if figure is None:
+        return False
+    for index in range(len(classes), axes.shape[0] // 2 * per_row):  # empty cells of the last row
+        for offset in (0, 1):
+            axes[2 * (index // per_row) + offset, index % per_row].set_axis_off()
+    for index, (label, entry) in enumerate(classes):
+        for offset, stat in enumerate(("magnitude", "frequency")):  # a class: magnitude above frequency
+            ax = axes[2 * (index // per_row) + offset, index % per_row]
+            for kind, style in (("natural", "-"), ("adversarial", "--")):
+                ax.plot(entry[kind][stat], style, linewidth=0.8, label=kind)
+            ax.set(ylim=(0, 1.02), title=f"class {label}: {stat}",
+                   xlabel="channel (by descending weight)" if offset else None)
+    axes[0, 0].legend(fontsize="small")
+    shown = f"first {len(classes)} of {len(analysis['classes'])} classes, " if len(analysis["classes"]) > len(classes) else ""
+    figure.suptitle(f"channel analysis ({shown}{analysis['channels']} channels; weights of {analysis['weights_of']})")
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def write_plots(result: dict, stem: str) -> list:
+    """The PNGs of the analyses `result` holds; [] (and nothing written) without matplotlib."""
+    written = []
+    for key, suffix, draw in (("masking_report", "_masking.png", plot_masking_report),
+                              ("channel_analysis", "_channels.png", plot_channel_analysis)):
+        if key in result and draw(result[key], stem + suffix):
+            written.append(stem + suffix)
+    return written
+
+
+def write_outputs(results: list, out: str, log=print) -> None:
     os.makedirs(out, exist_ok=True)
     for r in results:
         stem = os.path.join(out, os.path.basename(os.path.dirname(os.path.abspath(r["checkpoint"]))) or "model")
@@ -706,6 +781,9 @@ def write_outputs(results: list, out: str) -> None:
             writer.writerow(["index", "label", *names])
             for i, (index, label) in enumerate(zip(r["indices"], r["labels"])):
                 writer.writerow([index, label, *(r["per_example"][n][i] for n in names)])
+        # Plots last: the data are on disk before anything can go wrong in drawing them.
+        if ("masking_report" in r or "channel_analysis" in r) and not write_plots(r, stem):
+            log("matplotlib is not installed: no plots drawn (the data are in the JSON; pip install matplotlib)")
     with open(os.path.join(out, "table.md"), "w") as file:
         file.write(markdown_table(results))
 

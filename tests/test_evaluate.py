@@ -349,3 +349,32 @@ def test_channel_analysis_shapes_and_ranges(fsr_report):
                 assert values.shape == (channels,)
                 assert values.min() >= 0 and values.max() <= 1
             assert max(entry[kind]["magnitude"]) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (optional: only with matplotlib)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_png(path):
+    with open(path, "rb") as file:
+        return file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_with_and_without_matplotlib(checkpoints, fsr_report, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # .ci/run installs it; the plots are optional at run time
+    model, run_args, _ = evaluate.load_network(checkpoints["natural"], torch.device("cpu"))
+    x, y = evaluate.load_split(run_args, "data", train=False)
+    report, _ = evaluate.masking_report(model, x[:6], y[:6], EPS, evaluate.Args(log_interval=1e9), **QUIET,
+                                        steps=(1, 5), eps_factors=(1, 2))
+    result = {**fsr_report, "masking_report": report}
+    written = evaluate.write_plots(result, str(tmp_path / "model"))
+    assert written == [str(tmp_path / "model_masking.png"), str(tmp_path / "model_channels.png")]
+    assert all(_is_png(path) and os.path.getsize(path) > 5000 for path in written)
+    # Without matplotlib: the JSON and CSV are written, no PNG, and the log says why.
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import now raises ImportError
+    messages = []
+    evaluate.write_outputs([result], str(tmp_path / "bare"), log=messages.append)
+    assert sorted(os.listdir(tmp_path / "bare")) == [f"{os.path.basename(os.path.dirname(result['checkpoint']))}.{ext}"
+                                                     for ext in ("csv", "json")] + ["table.md"]
+    assert any("matplotlib is not installed" in m for m in messages)
