@@ -186,13 +186,15 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 # ---------------------------------------------------------------------------------------------
 
 
-def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float, steps: int) -> torch.Tensor:
+def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float, steps: int,
+                  random_start_kind: str | None = "normal") -> torch.Tensor:
     """TRADES inner maximisation (Zhang et al. 2019): start at x + 0.001 N(0, I) and ascend
     KL(p(x) || p(x')) summed over the batch. The clean distribution is computed once per batch
-    (the official code recomputes it, unchanged, at every step)."""
+    (the official code recomputes it, unchanged, at every step). Without the random start the KL
+    and its gradient are zero at x' = x, so the attack cannot move: keep it unless testing."""
     with attack_mode(model), torch.no_grad():
         clean_probs = F.softmax(logits_of(model(x)).float(), dim=1)
-    return pgd(model, x, None, eps, step_size, steps, loss_fn=kl_to(clean_probs), random_start_kind="normal")
+    return pgd(model, x, None, eps, step_size, steps, loss_fn=kl_to(clean_probs), random_start_kind=random_start_kind)
 
 
 def mart_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -36,11 +37,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import attacks
-from models import (DeviceLoader, Network, build_model, count_flops, count_parameters, dataset_info,
+from models import (DeviceLoader, Network, build_model, convert_sync_batchnorm, count_flops, count_parameters, dataset_info,
                     load_dataset, split_validation)
 
 METHOD = "cifs"
@@ -83,6 +86,8 @@ class Args:
     attack_step_size: float = arg(None, "step of the training attack (default eps/4; fmnist 0.02)", float)
     trades_beta: float = arg(6.0, "TRADES beta")
     mart_beta: float = arg(6.0, "MART beta (the MART ResNet-18 script used 5)")
+    random_start: bool = arg(None, "random start of the training attack (default: on, each strategy's own: "
+                             "uniform for AT and FAT, 0.001 N for TRADES and MART); --no-random-start starts at x", bool)
     # --- validation during training ------------------------------------------------------------
     val_size: int = arg(1000, "training images held out to pick best.pt (0: no validation)")
     eval_every: int = arg(5, "evaluate clean and PGD accuracy on the held-out images every N epochs (and at the end)")
@@ -97,6 +102,8 @@ class Args:
     amp: bool = arg(None, "bf16 autocast for training and the training attack (default: on with CUDA)", bool)
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
+    sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
+                        "for small per-GPU batches")
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
@@ -415,16 +422,21 @@ def craft_adversarial(model, x, y, args, epoch, attack_loss):
     """The inner maximisation. Attacks run in eval mode (deterministic modules, BatchNorm running
     statistics, nothing updated) and take input-only gradients (attacks.py)."""
     eps, step, steps = args.epsilon, args.attack_step_size, args.attack_steps
+
+    def start(kind):  # --no-random-start: every strategy's attack starts at x
+        return kind if args.random_start is not False else None
+
     if args.strategy == "natural":
         return x
     if args.strategy == "at":  # Madry: uniform random start
-        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="uniform")
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind=start("uniform"))
     if args.strategy == "trades":  # KL attack from x + 0.001 N on the final logits
-        return attacks.trades_attack(model, x, eps, step, steps)
+        return attacks.trades_attack(model, x, eps, step, steps, random_start_kind=start("normal"))
     if args.strategy == "mart":  # CE-PGD from x + 0.001 N
-        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind="normal")
+        return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind=start("normal"))
     if args.strategy == "fat":  # early-stopped PGD-K-tau
-        return attacks.fat_attack(model, x, y, eps, step, steps, tau=fat_tau(epoch, args.epochs), loss=attack_loss)
+        return attacks.fat_attack(model, x, y, eps, step, steps, tau=fat_tau(epoch, args.epochs), loss=attack_loss,
+                                  random_start_kind=start("uniform"))
     raise ValueError(f"unknown strategy {args.strategy!r}")
 
 
@@ -463,17 +475,38 @@ def attack_loss(args):
 # ---- shared block: training step (identical in fsr.py and cifs.py) -----------------------------
 
 
-def training_step(model, x, y, args, epoch, autocast):
-    """One batch: the attack in eval mode, then the parameter-update forward(s) in train mode.
-    Returns (loss, parts for logging, logits of the training batch)."""
-    with autocast():
-        x_train = craft_adversarial(model, x, y, args, epoch, attack_loss(args))
-    model.train()
-    with autocast():
+class UpdatePasses(nn.Module):
+    """The parameter-update forward pass(es) of one step as one module call. Under torchrun this
+    module is what DistributedDataParallel wraps, so DDP sees exactly one forward per update (one
+    set of gradient hooks, one all-reduce) even when TRADES and MART need two passes. With DDP's
+    default buffer broadcast, every call of a DDP module overwrites the BatchNorm buffers in place,
+    invalidating those an earlier call saved for its backward: the known "modified by an inplace
+    operation" error of TRADES code whose attack and passes all go through the DDP model. (Here
+    the attack never sees DDP, and the buffers are broadcast after each step instead.)"""
+
+    def __init__(self, network: nn.Module, strategy: str):
+        super().__init__()
+        self.network, self.strategy = network, strategy
+
+    def forward(self, x_clean, x_train, y):
         # TRADES and MART also need the clean logits; the official codes run two separate forwards,
         # so BatchNorm sees the clean and the adversarial batch separately, as here.
-        logits_clean = forward(model, x, y)[0] if args.strategy in ("trades", "mart") else None
-        logits, emitted = forward(model, x_train, y)
+        logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
+        logits, emitted = forward(self.network, x_train, y)
+        return logits_clean, logits, emitted
+
+
+def training_step(model, x, y, args, epoch, autocast, update=None):
+    """One batch: the attack in eval mode on the bare network `model` (never the DDP wrapper: no
+    collective inside the attack, no gradient hooks), then the update passes in train mode through
+    `update` (UpdatePasses(model), DDP-wrapped under torchrun; built here when not given).
+    Returns (loss, parts for logging, logits of the training batch)."""
+    update = update if update is not None else UpdatePasses(model, args.strategy)
+    with autocast():
+        x_train = craft_adversarial(model, x, y, args, epoch, attack_loss(args))
+    update.train()
+    with autocast():
+        logits_clean, logits, emitted = update(x, x_train, y)
         loss_cls = classification_loss(args.strategy, logits, y, logits_clean, args)
         loss, parts = objective(loss_cls, logits, emitted, y, args)
     return loss, {"cls": loss_cls, **parts}, logits
@@ -573,12 +606,79 @@ def device_settings(args: Args):
     """(device, amp, autocast factory, memory format): bf16 autocast and channels_last default
     to on with CUDA, off on the CPU."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     on_cuda = device.type == "cuda"
     amp = on_cuda if args.amp is None else args.amp
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     return device, amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
+
+
+def init_distributed(args: Args) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this process joins the group: NCCL when
+    the run's device is a GPU, gloo on the CPU. A plain `python fsr.py` gets (0, 1) and no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        device = device_settings(args)[0]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of a data-parallel run (the tensor itself in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def shard(split, rank: int, world_size: int):
+    """This process's contiguous share of an evaluation split (shares differ by at most one image)."""
+    begin, end = len(split) * rank // world_size, len(split) * (rank + 1) // world_size
+    return dataclasses.replace(split, images=split.images[begin:end], labels=split.labels[begin:end])
+
+
+def rng_states(device) -> list:
+    """[(cpu state, cuda state or None)] of every process, in rank order (for exact resumption)."""
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [(cpu.cpu(), None if cuda is None else cuda.cpu()) for cpu, cuda in states]
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics to every process, after each update (one broadcast per dtype):
+    the next attack and the validation then see the same network everywhere. (DDP's own buffer
+    broadcast, turned off here, would happen only at its next forward, after the attack.)"""
+    buffers = list(model.buffers())
+    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # the same order in every process
+        group = [buffer for buffer in buffers if buffer.dtype == dtype]
+        flat = torch.cat([buffer.reshape(-1) for buffer in group])
+        dist.broadcast(flat, 0)
+        for buffer, value in zip(group, flat.split([buffer.numel() for buffer in group])):
+            buffer.copy_(value.view_as(buffer))
+
+
+def data_parallel(update: nn.Module, device) -> DistributedDataParallel:
+    """DDP around the update passes, without DDP's per-forward buffer broadcast (broadcast_buffers
+    above runs after each step instead). Recent torch renamed that switch forward_sync_buffers."""
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return DistributedDataParallel(update, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Attack noise (random starts) differs across processes: rank r > 0 continues from its own
+    seed; rank 0 keeps the stream of a single-process run."""
+    if rank > 0:
+        torch.manual_seed(seed + 1_000_003 * rank)
 
 
 @torch.no_grad()
@@ -588,15 +688,17 @@ def _count_correct(model, x, y):
 
 def evaluate(model, loader, args) -> tuple[float, float]:
     """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol,
-    SPEC.md §6) in fp32 on the held-out images."""
+    SPEC.md §6) in fp32 on the held-out images; under torchrun each process takes its share and
+    the counts are summed, which gives the single-process figures."""
     model.eval()
-    clean = robust = total = 0
+    counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
     for x, y in loader.epoch(0):
         x_adv = attacks.pgd(model, x, y, args.epsilon, args.epsilon / 10, args.eval_steps, random_start_kind=None)
-        clean += _count_correct(model, x, y)
-        robust += _count_correct(model, x_adv, y)
-        total += len(y)
-    return float(clean) / total, float(robust) / total
+        counts[0] += _count_correct(model, x, y)
+        counts[1] += _count_correct(model, x_adv, y)
+        counts[2] += len(y)
+    clean, robust, total = all_reduce_sum(counts).tolist()
+    return clean / max(total, 1), robust / max(total, 1)
 
 
 def format_seconds(seconds: float) -> str:
@@ -606,7 +708,25 @@ def format_seconds(seconds: float) -> str:
 
 def train(args: Args, log=print) -> dict:
     """The whole run: data on the device, model, optimiser, resume, epochs, checkpoints, logs.
-    Returns the last epoch's metrics."""
+    Returns the last epoch's metrics. Under `torchrun --nproc_per_node=N`, one process per GPU
+    trains data-parallel (DDP): --batch-size is the global batch, split evenly over the processes,
+    with the learning rate unchanged (the same global batch, so the same recipe); every process
+    starts from the same weights; only rank 0 logs and writes the run folder."""
+    return in_process_group(run, args, log)
+
+
+def in_process_group(body, args: Args, log):
+    """body(args, log, rank, world_size) inside torchrun's process group, if any; only rank 0 logs."""
+    rank, world_size = init_distributed(args)
+    try:
+        return body(args, log if rank == 0 else (lambda *_: None), rank, world_size)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: Args, log, rank: int, world_size: int) -> dict:
+    """train() in process `rank` of `world_size` (0 of 1 without torchrun)."""
     resume_from = args.resume
     if resume_from:  # the run's own settings; only the device may change
         checkpoint = load_checkpoint(resume_from)
@@ -616,10 +736,15 @@ def train(args: Args, log=print) -> dict:
         checkpoint = None
     check_args(args)
     device, amp, autocast, memory_format = device_settings(args)
-    seed_everything(args.seed, args.deterministic)
-    model = build_network(args).to(device, memory_format=memory_format)
+    seed_everything(args.seed, args.deterministic)  # every process builds the same initial weights
+    model = build_network(args)
+    if args.sync_bn and world_size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device, memory_format=memory_format)
+    seed_rank(args.seed, rank)
 
-    # Data: the training split on the device as uint8, augmented there (models.DeviceLoader).
+    # Data: the training split on the device as uint8, augmented there (models.DeviceLoader); under
+    # torchrun every process holds the split and takes its share of each global batch.
     info = dataset_info(args.dataset)
     shape = input_shape(args)
     train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
@@ -627,8 +752,10 @@ def train(args: Args, log=print) -> dict:
     train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
     train_loader = DeviceLoader(train_split, args.batch_size, device, shuffle=True, augment=args.augment,
                                 padding=info.padding or 4,  # 4 when crop_flip is forced on a dataset without it
-                                seed=args.seed, channels_last=memory_format == torch.channels_last)
-    val_loader = DeviceLoader(val_split, 500, device, shuffle=False) if val_split is not None else None
+                                seed=args.seed, channels_last=memory_format == torch.channels_last,
+                                rank=rank, world_size=world_size)
+    val_loader = DeviceLoader(shard(val_split, rank, world_size), 500, device, shuffle=False) \
+        if val_split is not None else None
 
     # The run folder only now: bad positions or a missing dataset leave nothing behind.
     run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
@@ -636,9 +763,10 @@ def train(args: Args, log=print) -> dict:
     if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
                               f"or another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as file:
-        json.dump(dataclasses.asdict(args), file, indent=2)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as file:
+            json.dump(dataclasses.asdict(args), file, indent=2)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch, best_robust = 0, -1.0
@@ -646,9 +774,15 @@ def train(args: Args, log=print) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, best_robust = checkpoint["epoch"], checkpoint["best_robust"]
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
+        if len(checkpoint["rng"]) == world_size:  # each process continues its own random stream
+            rng_cpu, rng_cuda = checkpoint["rng"][rank]
+            torch.set_rng_state(rng_cpu)
+            if device.type == "cuda" and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda, device)
+        else:  # another process count: fresh, seeded streams (valid, but not bitwise an uninterrupted run)
+            torch.manual_seed(args.seed + 1_000_003 * rank + start_epoch)
+            log(f"note: {resume_from} was written by {len(checkpoint['rng'])} process(es), this run has "
+                f"{world_size}: the attack noise is re-seeded")
         log(f"resumed {resume_from} at epoch {start_epoch}")
     elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
         try:
@@ -656,11 +790,19 @@ def train(args: Args, log=print) -> dict:
         except RuntimeError as error:  # another backbone, positions or probes
             raise CheckpointError(f"--init-from {args.init_from!r} does not fit this network: {error}") from error
         log(f"initialised the weights from {args.init_from}")
-    compute_model = torch.compile(model) if args.compile else model
+    # The attack runs on `network` (compiled or not, never DDP-wrapped); the update passes run
+    # through `update`, which DDP wraps under torchrun (its construction broadcasts rank 0's
+    # weights and buffers, so all processes start identical, on resume too).
+    network = torch.compile(model) if args.compile else model
+    update = UpdatePasses(network, args.strategy)
+    if world_size > 1:
+        update = data_parallel(update, device)
 
     log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} train / {len(val_split) if val_split else 0} val), "
         f"strategy {args.strategy}, {count_parameters(model) / 1e6:.2f} M params, device {device}, "
-        f"{'bf16 autocast' if amp else 'fp32'}, run {run_dir}")
+        f"{'bf16 autocast' if amp else 'fp32'}, run {run_dir}"
+        + (f", {world_size} processes x {args.batch_size // world_size} images{' (SyncBatchNorm)' if args.sync_bn else ''}"
+           if world_size > 1 else ""))
     metrics, epoch_times = {}, []
     for epoch in range(start_epoch, args.epochs):
         lr = learning_rate(args, epoch)
@@ -669,35 +811,42 @@ def train(args: Args, log=print) -> dict:
         started = last_print = time.time()
         sums, correct, seen = {}, 0, 0
         for step, (x, y) in enumerate(train_loader.epoch(epoch)):
-            loss, parts, logits = training_step(compute_model, x, y, args, epoch, autocast)
+            loss, parts, logits = training_step(network, x, y, args, epoch, autocast, update)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if world_size > 1:
+                broadcast_buffers(model)
             for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
                 sums[name] = sums.get(name, 0) + value.detach() * len(y)
             correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
             if time.time() - last_print > args.log_interval:
                 last_print = time.time()
                 log(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {float(sums['loss']) / seen:.4f} "
-                    f"{seen / (last_print - started):.0f} img/s")
+                    f"{world_size * seen / (last_print - started):.0f} img/s")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.time() - started
         epoch_times.append(seconds)
-        metrics = {"epoch": epoch + 1, "lr": lr, **{name: float(total) / seen for name, total in sums.items()},
-                   "train_accuracy": float(correct) / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+        # Sums over the processes (each saw its share of every batch): the single-process figures.
+        totals = all_reduce_sum(torch.stack([*(sums[name].float() for name in sums), correct.float(),
+                                             torch.tensor(float(seen), device=device)])).tolist()
+        seen = totals[-1]
+        metrics = {"epoch": epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(sums, totals)},
+                   "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
         if val_loader and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             metrics["val_clean"], metrics["val_robust"] = evaluate(model, val_loader, args)
         state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "best_robust": best_robust, "metrics": metrics,
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+                 "rng": rng_states(device)}  # a collective under torchrun: every process calls it
         if metrics.get("val_robust", -1.0) > best_robust:
             best_robust = state["best_robust"] = metrics["val_robust"]
-            save_checkpoint(state, os.path.join(run_dir, "best.pt"))
-        save_checkpoint(state, os.path.join(run_dir, "last.pt"))
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
-            file.write(json.dumps(metrics) + "\n")
+            if rank == 0:
+                save_checkpoint(state, os.path.join(run_dir, "best.pt"))
+        if rank == 0:
+            save_checkpoint(state, os.path.join(run_dir, "last.pt"))
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
+                file.write(json.dumps(metrics) + "\n")
         eta = (args.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
         losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sums)
         val = f" | val clean {metrics['val_clean']:.2%} pgd{args.eval_steps} {metrics['val_robust']:.2%}" \
@@ -716,24 +865,41 @@ def forward_equivalents(args: Args) -> int:
 
 
 def benchmark(args: Args, log=print) -> dict:
-    """Time training steps on random data of the dataset's shape (no dataset needed)."""
+    """Time training steps on random data of the dataset's shape (no dataset needed). Under
+    torchrun each process times its share of the global batch through DDP; images/s are global."""
+    return in_process_group(time_training_steps, args, log)
+
+
+def time_training_steps(args: Args, log, rank: int, world_size: int) -> dict:
     args = resolve(args)
     check_args(args)
+    if args.batch_size % world_size:
+        raise ValueError(f"the global batch {args.batch_size} must split evenly over {world_size} processes")
     device, amp, autocast, memory_format = device_settings(args)
     seed_everything(args.seed, args.deterministic)
     shape, info = input_shape(args), dataset_info(args.dataset)
-    model = build_network(args).to(device, memory_format=memory_format)
+    model = build_network(args)
+    if args.sync_bn and world_size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device, memory_format=memory_format)
+    seed_rank(args.seed, rank)
     plain = build_model(args.model, info.num_classes, shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    compute_model = torch.compile(model) if args.compile else model
-    x = torch.rand(args.batch_size, *shape, device=device).contiguous(memory_format=memory_format)
-    y = torch.randint(0, info.num_classes, (args.batch_size,), device=device)
+    network = torch.compile(model) if args.compile else model
+    update = UpdatePasses(network, args.strategy)
+    if world_size > 1:
+        update = data_parallel(update, device)
+    per_process = args.batch_size // world_size
+    x = torch.rand(per_process, *shape, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, info.num_classes, (per_process,), device=device)
 
     def step():
-        loss, _, _ = training_step(compute_model, x, y, args, 0, autocast)
+        loss, _, _ = training_step(network, x, y, args, 0, autocast, update)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if world_size > 1:
+            broadcast_buffers(model)
 
     def sync():
         if device.type == "cuda":
@@ -757,7 +923,9 @@ def benchmark(args: Args, log=print) -> dict:
               "forward_gflops": flops / 1e9, "parameters": count_parameters(model),
               "plain_forward_gflops": count_flops(plain, shape) / 1e9, "plain_parameters": count_parameters(plain),
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    log(f"{METHOD} benchmark: {args.model} {args.strategy} on {args.dataset}-shaped data, batch {args.batch_size}, "
+    result["processes"] = world_size
+    log(f"{METHOD} benchmark: {args.model} {args.strategy} on {args.dataset}-shaped data, batch {args.batch_size}"
+        f"{f' ({world_size} processes x {per_process})' if world_size > 1 else ''}, "
         f"{device}, {'bf16' if amp else 'fp32'}{', compiled' if args.compile else ''}: "
         f"{images_per_second:.0f} img/s, {result['seconds_per_epoch']:.1f} s/epoch ({info.train_size} images), "
         f"{result['tflops_per_second']:.2f} TFLOP/s ({forward_equivalents(args)} forward-equivalents x "

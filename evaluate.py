@@ -9,12 +9,17 @@
     python evaluate.py runs/a/last.pt --fsr-analysis            # FSR Table 5: f+, f-, f~- and k-NN
     python evaluate.py runs/a/last.pt --masking-report          # FSR appendix C checks
     python evaluate.py runs/cifs/last.pt --channel-analysis     # CIFS Fig. 1/3/A.2 data
+    torchrun --standalone --nproc_per_node=8 evaluate.py runs/a/last.pt   # sharded over 8 GPUs
 
 Protocol (defaults, both authors' test scripts): eval mode, fp32, the full test set, the eps of the
 checkpoint's dataset; FGSM from x; PGD-20 / PGD-100 with steps of eps/10 from x (no random start;
 Fashion-MNIST: steps 0.01 / 0.02); C&W = 30 PGD steps of eps/10 on the margin loss with kappa 50;
 Ensemble = per-example AND of natural-correct and robust to FGSM, PGD-20, PGD-100 and C&W;
-AutoAttack = the official `standard` version (pyautoattack).
+AutoAttack = the official `standard` version (pyautoattack), run batch by batch.
+
+Under torchrun the test set is sharded by batches (batch b on process b mod N), every batch seeded
+by its index, and the per-example results are gathered: the table and the JSON equal those of one
+process. Only rank 0 prints and writes.
 
 Writes, next to the first checkpoint unless --out is given: table.md (the table), and per
 checkpoint <name>.json (per-example correctness per attack, the indices, the protocol, package
@@ -40,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import attacks
@@ -112,6 +118,58 @@ class Args:
 
 class CheckpointError(ValueError):
     """A checkpoint evaluate.py cannot use: missing, unreadable, or not from fsr.py / cifs.py."""
+
+
+# =============================================================================================
+# Processes: one, or one per GPU under torchrun
+# =============================================================================================
+
+
+def init_distributed(device_name: str | None) -> torch.device:
+    """The evaluation device; under torchrun (WORLD_SIZE > 1) also joins the process group (NCCL on
+    GPUs, gloo on the CPU), one GPU per process."""
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_size() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_batches(results: dict) -> list:
+    """{batch index: result} of this process -> the results of all processes, in batch order."""
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, results)
+        results = {index: value for part in parts for index, value in part.items()}
+    return [results[index] for index in sorted(results)]
+
+
+def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_size: int | None = None) -> list:
+    """[keep(fn(model, xb, yb), yb)] over the batches of (x, y), in order. Batch b is seeded with
+    args.seed + b, so results depend neither on the order of batches nor on how they are spread
+    over processes: under torchrun batch b runs on rank b mod N and the results are gathered."""
+    batch_size = batch_size or args.batch_size
+    rank, world_size = rank_and_size()
+    started = last = time.time()
+    device = next(model.parameters()).device
+    results = {}
+    for index, begin in enumerate(range(0, len(y), batch_size)):
+        if index % world_size != rank:
+            continue
+        torch.manual_seed(args.seed + index)
+        xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
+        results[index] = keep(fn(model, xb, yb), yb)
+        if time.time() - last > args.log_interval:
+            last = time.time()
+            log(f"    {label}: {min(begin + batch_size, len(y))}/{len(y)} examples, {time.time() - started:.0f} s")
+    return gather_batches(results)
 
 
 # =============================================================================================
@@ -225,30 +283,32 @@ def judge(model, x_adv, y) -> dict:
     return verdict
 
 
+def merge_verdicts(parts: list) -> dict:
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def run_attack(model, fn, x, y, args: Args, label: str, log) -> tuple[dict, float]:
-    """Apply `fn` batch by batch (each batch seeded, so results do not depend on batching order);
-    returns per-example verdicts and seconds."""
-    started = last = time.time()
-    verdicts = {}
-    device = next(model.parameters()).device
-    for index, begin in enumerate(range(0, len(y), args.batch_size)):
-        torch.manual_seed(args.seed + index)
-        xb, yb = x[begin:begin + args.batch_size].to(device), y[begin:begin + args.batch_size].to(device)
-        for key, value in judge(model, fn(model, xb, yb), yb).items():
-            verdicts.setdefault(key, []).append(value.cpu())
-        if time.time() - last > args.log_interval:
-            last = time.time()
-            log(f"    {label}: {begin + len(yb)}/{len(y)} examples, {time.time() - started:.0f} s")
-    return {key: torch.cat(parts) for key, parts in verdicts.items()}, time.time() - started
+    """Apply `fn` batch by batch (attack_batches); returns per-example verdicts and seconds."""
+    started = time.time()
+    parts = attack_batches(model, fn, x, y, args, label, log,
+                           keep=lambda x_adv, yb: {key: v.cpu() for key, v in judge(model, x_adv, yb).items()})
+    return merge_verdicts(parts), time.time() - started
 
 
 def run_autoattack(model, x, y, args: Args, eps: float, log) -> tuple[dict, float, list]:
+    """The official AutoAttack, one call per batch (seed args.seed each), so that a sharded run
+    equals a single-process one; its warnings are collected once each, in order."""
     started = time.time()
-    device = next(model.parameters()).device
-    x_adv, warnings = attacks.autoattack(model, x.to(device), y.to(device), eps, version=args.aa_version,
-                                         seed=args.seed, batch_size=args.batch_size, progress=True)
-    verdicts, _ = run_attack(model, lambda m, xb, yb: xb, x_adv.cpu(), y, args, "autoattack", log)
-    return verdicts, time.time() - started, warnings
+    show_progress = rank_and_size()[0] == 0
+
+    def attack(model, xb, yb):
+        return attacks.autoattack(model, xb, yb, eps, version=args.aa_version, seed=args.seed,
+                                  batch_size=args.batch_size, progress=show_progress)
+
+    parts = attack_batches(model, attack, x, y, args, "autoattack", log,
+                           keep=lambda out, yb: ({key: v.cpu() for key, v in judge(model, out[0], yb).items()}, out[1]))
+    warnings = list(dict.fromkeys(w for _, batch_warnings in parts for w in batch_warnings))
+    return merge_verdicts([verdicts for verdicts, _ in parts]), time.time() - started, warnings
 
 
 # =============================================================================================
@@ -257,7 +317,7 @@ def run_autoattack(model, x, y, args: Args, eps: float, log) -> tuple[dict, floa
 
 
 def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = init_distributed(args.device)
     model, run_args, module = load_network(path, device)
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
@@ -412,25 +472,21 @@ def transfer_attacks(source, eps: float) -> dict:
 def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, log) -> tuple[dict, float]:
     """NAttack on its own seeded class-balanced sample of the full test split. Accuracy = clean-
     correct and not broken within the budget; query statistics over the broken clean-correct ones."""
-    started = last = time.time()
+    started = time.time()
     indices = balanced_subset(y_all, args.nattack_examples, num_classes, args.nattack_seed)
-    x, y = x_all[indices], y_all[indices]
-    device = next(model.parameters()).device
-    correct, broken, queries = [], [], []
-    for index, begin in enumerate(range(0, len(y), args.nattack_batch_size)):
-        torch.manual_seed(args.seed + index)
-        xb, yb = x[begin:begin + args.nattack_batch_size].to(device), y[begin:begin + args.nattack_batch_size].to(device)
+
+    def attack(model, xb, yb):
         with torch.no_grad():
-            correct.append((attacks.logits_of(model(xb)).argmax(1) == yb).cpu())
-        x_adv, success, used = attacks.nattack(model, xb, yb, eps, max_queries=args.nattack_queries,
-                                               population=args.nattack_population)
+            correct = attacks.logits_of(model(xb)).argmax(1) == yb
+        x_adv, _, used = attacks.nattack(model, xb, yb, eps, max_queries=args.nattack_queries,
+                                         population=args.nattack_population)
         with torch.no_grad():  # x_adv is what NAttack queried last: success == misclassified
-            broken.append((attacks.logits_of(model(x_adv)).argmax(1) != yb).cpu())
-        queries.append(used.cpu())
-        if time.time() - last > args.log_interval:
-            last = time.time()
-            log(f"    nattack: {begin + len(yb)}/{len(y)} examples, {time.time() - started:.0f} s")
-    correct, broken, queries = torch.cat(correct), torch.cat(broken), torch.cat(queries)
+            broken = attacks.logits_of(model(x_adv)).argmax(1) != yb
+        return correct.cpu(), broken.cpu(), used.cpu()
+
+    parts = attack_batches(model, attack, x_all[indices], y_all[indices], args, "nattack", log,
+                           keep=lambda out, yb: out, batch_size=args.nattack_batch_size)
+    correct, broken, queries = (torch.cat(column) for column in zip(*parts))
     robust = correct & ~broken
     attacked = correct & broken
     spent = queries[attacked].float()
@@ -506,7 +562,7 @@ def knn_report(model, pgd20, run_args, args: Args, x, y, log) -> dict:
     x_train, y_train = load_split(run_args, args.data_root, train=True)
     chosen = balanced_subset(y_train, args.knn_train_examples, info.num_classes, args.subset_seed)
     reference, reference_labels = features_of(model, x_train[chosen], args), y_train[chosen]
-    x_adv = torch.cat([x_adv.cpu() for x_adv in adversarial_batches(model, pgd20, x, y, args, "k-NN PGD-20", log)])
+    x_adv = adversarial_examples(model, pgd20, x, y, args, "k-NN PGD-20", log)
     natural, adversarial = features_of(model, x, args), features_of(model, x_adv, args)
     result = {"train_examples": len(chosen), "temperature": KNN_TEMPERATURE}
     for k in KNN_K:
@@ -517,16 +573,9 @@ def knn_report(model, pgd20, run_args, args: Args, x, y, log) -> dict:
     return result
 
 
-def adversarial_batches(model, fn, x, y, args: Args, label: str, log):
-    """x_adv batch by batch (seeded like `run_attack`), with progress lines."""
-    started = last = time.time()
-    device = next(model.parameters()).device
-    for index, begin in enumerate(range(0, len(y), args.batch_size)):
-        torch.manual_seed(args.seed + index)
-        yield fn(model, x[begin:begin + args.batch_size].to(device), y[begin:begin + args.batch_size].to(device))
-        if time.time() - last > args.log_interval:
-            last = time.time()
-            log(f"    {label}: {min(begin + args.batch_size, len(y))}/{len(y)} examples, {time.time() - started:.0f} s")
+def adversarial_examples(model, fn, x, y, args: Args, label: str, log) -> torch.Tensor:
+    """fn's x_adv for all of x, on the CPU (attack_batches: seeded per batch, sharded under torchrun)."""
+    return torch.cat(attack_batches(model, fn, x, y, args, label, log, keep=lambda x_adv, yb: x_adv.cpu()))
 
 
 # =============================================================================================
@@ -536,12 +585,10 @@ def adversarial_batches(model, fn, x, y, args: Args, label: str, log):
 
 def attacked_accuracy(model, fn, x, y, args: Args, label: str, log) -> float:
     """Accuracy of any model (logits or (logits, aux)) on fn's x_adv."""
-    correct = 0
-    for begin, x_adv in zip(range(0, len(y), args.batch_size), adversarial_batches(model, fn, x, y, args, label, log)):
-        with torch.no_grad():
-            logits = attacks.logits_of(model(x_adv))
-        correct += (logits.argmax(1).cpu() == y[begin:begin + args.batch_size]).sum().item()
-    return correct / len(y)
+    @torch.no_grad()
+    def correct(x_adv, yb):
+        return (attacks.logits_of(model(x_adv)).argmax(1) == yb).sum().item()
+    return sum(attack_batches(model, fn, x, y, args, label, log, keep=correct)) / len(y)
 
 
 def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=None,
@@ -619,7 +666,7 @@ def channel_analysis(model, pgd20, x, y, num_classes: int, args: Args, log) -> t
     natural and PGD-20 images of class c the normalised mean magnitude and activation frequency
     per channel, in that order."""
     started = time.time()
-    x_adv = torch.cat([b.cpu() for b in adversarial_batches(model, pgd20, x, y, args, "channel PGD-20", log)])
+    x_adv = adversarial_examples(model, pgd20, x, y, args, "channel PGD-20", log)
     natural, adversarial = features_of(model, x, args), features_of(model, x_adv, args)
     weights = last_linear(model).weight.detach().float().cpu()
     if weights.shape[1] != natural.shape[1]:
@@ -806,14 +853,21 @@ def parse_args(argv=None) -> Args:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
+    init_distributed(args.device)
+    rank = rank_and_size()[0]
+    log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
     try:
-        results = [evaluate_checkpoint(path, args) for path in args.checkpoints]
+        results = [evaluate_checkpoint(path, args, log) for path in args.checkpoints]
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
-    write_outputs(results, out)
-    print("\n" + markdown_table(results))
-    print(f"written to {out}/")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
+        write_outputs(results, out)
+        print("\n" + markdown_table(results))
+        print(f"written to {out}/")
     return results
 
 

@@ -363,6 +363,59 @@ def count_flops(model: nn.Module, input_shape: tuple) -> int:
     return total
 
 
+# =============================================================================================
+# Data-parallel BatchNorm (the opt-in --sync-bn of fsr.py / cifs.py under torchrun)
+# =============================================================================================
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch across all
+    processes, for the CPU (gloo): torch's nn.SyncBatchNorm accepts only GPU tensors. The per-rank
+    sums are added with torch.distributed.nn's autograd-aware all_reduce, whose backward is again
+    an all_reduce, so gradients are those of the global batch too. Eval mode, or a single process,
+    is plain BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_functional
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32, device=x.device)
+        sums = torch.cat([x.float().sum((0, 2, 3)), (x.float() ** 2).sum((0, 2, 3)), count])
+        sums = dist_functional.all_reduce(sums)
+        channels = x.shape[1]
+        total = sums[-1]
+        mean = sums[:channels] / total
+        var = (sums[channels:2 * channels] / total - mean ** 2).clamp_min(0)  # biased, as BatchNorm normalises
+        with torch.no_grad():  # running statistics: momentum update with the unbiased variance
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_((var.detach() * total / (total - 1)).to(self.running_var.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        out = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` computes global-batch statistics under torch.distributed:
+    torch's nn.SyncBatchNorm on GPUs, CPUSyncBatchNorm (above) on the CPU. Weights and running
+    statistics are kept."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
+            replacement = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                           child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            setattr(model, name, replacement)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
 # =============================================================================
 # Data: dataset facts, loaders for the five benchmarks + a synthetic stand-in,
 # and a device-resident batch iterator with on-device augmentation.
@@ -768,24 +821,35 @@ class DeviceLoader:
     seeded by (seed, e) on the loader's device, so a resumed run sees exactly the
     batches an uninterrupted one would. shuffle=False keeps the stored order;
     `augment` is applied independently of `shuffle` (pass augment='none' for
-    evaluation)."""
+    evaluation).
+
+    Data-parallel (torchrun): `batch_size` is the global batch. Every rank draws the same order and
+    the same augmentation for the whole global batch, then keeps its contiguous 1/world_size share,
+    so the union over ranks of step t is exactly the single-process batch t. A final batch whose
+    size is not a multiple of world_size loses its last (at most world_size - 1) images, so that
+    every rank holds an equal share (DDP's gradient mean is then the global batch mean)."""
 
     def __init__(self, split: ImageSplit, batch_size: int, device="cpu", shuffle=True, augment="none",
-                 padding=4, drop_last=False, seed=0, channels_last=False):
+                 padding=4, drop_last=False, seed=0, channels_last=False, rank=0, world_size=1):
         if augment not in ("none", "crop_flip"):
             raise ValueError(f"augment must be 'none' or 'crop_flip', got {augment!r}")
         if batch_size < 1 or padding < 0:
             raise ValueError(f"need batch_size >= 1 and padding >= 0, got {batch_size}, {padding}")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"the global batch {batch_size} must split evenly over {world_size} processes "
+                             f"(rank {rank}): pass a --batch-size that is a multiple of the process count")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
-        self.drop_last, self.seed = drop_last, seed
+        self.drop_last, self.seed, self.rank, self.world_size = drop_last, seed, rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self):
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        return n // self.batch_size + (n % self.batch_size >= self.world_size)  # a last share for every rank
 
     def epoch(self, epoch: int):
         n = len(self.labels)
@@ -799,5 +863,9 @@ class DeviceLoader:
             x = self.images[idx]
             if self.augment == "crop_flip":
                 x = crop_flip(x, self.padding, g)  # on uint8: 4x less memory traffic than float
+            y = self.labels[idx]
+            if self.world_size > 1:  # this rank's share of the global batch (augmented as a whole above)
+                share = len(idx) // self.world_size
+                x, y = x[self.rank * share:(self.rank + 1) * share], y[self.rank * share:(self.rank + 1) * share]
             x = x.float().div_(255).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[idx]
+            yield x, y

@@ -345,3 +345,21 @@ def test_tinyimagenet_missing_gives_url(tmp_path):
         load_dataset("tinyimagenet", root=tmp_path)
     assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in str(e.value)
     assert os.path.join(str(tmp_path), "tiny-imagenet-200") in str(e.value)
+
+
+def test_loader_shares_of_a_global_batch_make_the_single_process_batch():
+    split = make_synthetic(10, (3, 8, 8), 103, seed=2, train=True)  # 103 = 3 x 32 + 7: a last batch of 7
+    single = list(DeviceLoader(split, 32, shuffle=True, augment="crop_flip", seed=4).epoch(1))
+    shares = [list(DeviceLoader(split, 32, shuffle=True, augment="crop_flip", seed=4, rank=r, world_size=2).epoch(1))
+              for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == len(single) == 4
+    for step, (x, y) in enumerate(single):
+        x0, y0 = shares[0][step]
+        x1, y1 = shares[1][step]
+        assert len(y0) == len(y1)  # equal shares: the last batch of 7 loses one image
+        assert torch.equal(torch.cat([x0, x1]), x[:len(y0) * 2]) and torch.equal(torch.cat([y0, y1]), y[:len(y0) * 2])
+    assert len(shares[0][-1][1]) == 3
+    # A last batch smaller than the process count is dropped, so no process gets an empty batch.
+    assert len(DeviceLoader(split, 32, rank=0, world_size=8)) == 3
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        DeviceLoader(split, 30, rank=0, world_size=4)
