@@ -1,0 +1,916 @@
+"""Speed of adversarial training with and without FSR / CIFS, against a reference loop (issue #6).
+
+What it measures, in one process and one run, for one backbone, image shape, batch and attack
+(default: ResNet-18, CIFAR-10 shape 3x32x32, 10 classes, batch 128, Madry PGD-10 AT from a
+uniform start, eps 8/255, step eps/4):
+
+  plain      the scripts' fast path (fsr.py --no-fsr): training split on the device as uint8 and
+             augmented there (models.DeviceLoader), bf16 autocast and channels_last by default on
+             CUDA, attacks with input-only gradients; fsr.training_step + SGD step
+  +FSR       the same through fsr.py
+  +CIFS      the same through cifs.py
+  reference  the same backbone, attack and update written the way older adversarial-training
+             code does it: torch DataLoader over PIL images with torchvision transforms,
+             `.to(device)` per batch, fp32, contiguous memory, and an attack whose
+             `loss.backward()` also fills the weights' .grad
+  evaluation PGD-20 (step eps/10, no random start, fp32: the scripts' `evaluate`) over 10,000
+             images, for the plain, +FSR and +CIFS networks (fewer images extrapolated linearly)
+
+and for each training variant: images/s, seconds per epoch, achieved TFLOP/s, fraction of the
+GPU's peak and peak GPU memory (`--rounds` interleaves the variants' timed steps, so that a change
+in background load does not land on one variant only); then the speed-up over the reference
+loop, the FSR and CIFS overheads, and a PASS / FAIL / "not measured" line per target of issue #6.
+Optional:
+`--accuracy-check` (robust accuracy of a short run, fp32 against the fast path) and `--profile`
+(where the time of a fast-path training step goes).
+
+Run from the repository root:
+    python benchmarks/speed.py                                  # the issue's settings, on the GPU
+    python benchmarks/speed.py --profile --trace                # + profiler summary and Chrome trace
+    python benchmarks/speed.py --variants none --eval-images 0 --accuracy-check   # accuracy only
+    python benchmarks/speed.py --device cpu --model smallcnn --shape 3,16,16 --batch-size 32 \\
+        --steps 3 --eval-images 200 --num-workers 0             # CPU smoke test (seconds)
+    python benchmarks/speed.py --device cpu --threads 2 --warmup 0 --steps 2 --rounds 2 \\
+        --eval-images 32 --eval-batch-size 32                   # ResNet-18 on a 2-core CPU (~6 min)
+
+Writes a Markdown table to the console and everything (with the environment and the command
+line) to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `python benchmarks/speed.py` puts benchmarks/ on the path, not the root
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.utils.data  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+import cifs  # noqa: E402
+import fsr  # noqa: E402
+from models import (DeviceLoader, ImageSplit, build_model, count_flops, count_parameters,  # noqa: E402
+                    dataset_info, make_synthetic)
+
+VARIANTS = ("plain", "fsr", "cifs", "reference")
+LABELS = {"plain": "plain", "fsr": "+FSR", "cifs": "+CIFS", "reference": "reference loop"}
+
+
+def arg(default, help: str, type=None, choices=None):
+    """A dataclass field that carries its command-line help (one line per flag)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class Args:
+    # --- what to time -------------------------------------------------------------------------
+    model: str = arg("resnet18", "backbone (models.build_model)")
+    dataset: str = arg("cifar10", "dataset whose facts are used: classes, shape, eps, augmentation, train size")
+    shape: str = arg(None, "C,H,W of the images (default: the dataset's; another shape uses 10 classes)", str)
+    train_size: int = arg(None, "images per epoch for seconds/epoch (default: the dataset's, 50,000 for cifar10)", int)
+    batch_size: int = arg(128, "training batch size")
+    strategy: str = arg("at", "training strategy of the fast path (the reference loop does natural and at)",
+                        choices=("natural", "at", "trades", "mart", "fat"))
+    epsilon: float = arg(None, "L-inf budget in image units (default: the dataset's, 8/255)", float)
+    attack_steps: int = arg(10, "steps of the training attack")
+    attack_step_size: float = arg(None, "step of the training attack (default eps/4)", float)
+    variants: str = arg("plain,fsr,cifs,reference", "comma-separated training variants to time ('none': skip)")
+    steps: int = arg(20, "timed training steps per variant")
+    warmup: int = arg(3, "untimed training steps per variant before timing (cuDNN autotuning, compilation, "
+                      "workers; peak memory is measured over them)")
+    rounds: int = arg(1, "split the timed steps into this many rounds, interleaved across the variants "
+                      "(order reversed every other round): drifts in background load hit every variant alike")
+    seed: int = arg(0, "seed of weights, data and attack noise")
+    # --- device and speed settings -----------------------------------------------------------
+    device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
+    amp: bool = arg(None, "bf16 autocast on the fast path (default: the scripts' default, on with CUDA)", bool)
+    channels_last: bool = arg(None, "channels_last on the fast path (default: the scripts', on with CUDA)", bool)
+    compile: bool = arg(False, "torch.compile the fast-path networks")
+    threads: int = arg(None, "torch intra-op threads (default: torch's)", int)
+    peak_tflops: float = arg(None, "peak TFLOP/s to compare against (default: from the GPU's name; none on CPU)", float)
+    # --- the reference loop ------------------------------------------------------------------
+    num_workers: int = arg(2, "DataLoader workers of the reference loop")
+    reference_weight_grads: bool = arg(True, "reference attack by loss.backward(), which also computes weight "
+                                       "gradients (--no-reference-weight-grads: input-only, as the official "
+                                       "FSR and CIFS code)", bool)
+    # --- evaluation cost -----------------------------------------------------------------------
+    eval_images: int = arg(10000, "images of the PGD evaluation (0: skip; fewer than 10,000 are extrapolated)")
+    eval_batch_size: int = arg(500, "batch size of the PGD evaluation")
+    eval_steps: int = arg(20, "PGD steps of the evaluation (step eps/10, no random start, fp32)")
+    # --- profile -------------------------------------------------------------------------------
+    profile: bool = arg(False, "profile a few fast-path training steps and say where the time goes")
+    profile_variant: str = arg("plain", "which fast-path variant to profile", choices=("plain", "fsr", "cifs"))
+    profile_steps: int = arg(3, "profiled training steps (after --warmup untimed ones)")
+    trace: bool = arg(False, "with --profile: write a Chrome trace next to --out")
+    # --- robust accuracy: fp32 against the fast path --------------------------------------------
+    accuracy_check: bool = arg(False, "train short runs in fp32 and on the fast path, compare val accuracy")
+    method: str = arg("fsr", "script of the accuracy check (plain = fsr.py --no-fsr)", choices=("fsr", "cifs", "plain"))
+    acc_dataset: str = arg("synthetic", "dataset of the accuracy check")
+    acc_model: str = arg(None, "backbone of the accuracy check (default: the script's for the dataset)", str)
+    acc_epochs: int = arg(None, "epochs of the accuracy check (default: the script's for the dataset)", int)
+    acc_milestones: str = arg(None, "lr milestones of the accuracy check (default: the script's)", str)
+    acc_synthetic_size: int = arg(None, "training images of a synthetic accuracy check (default: the script's)", int)
+    acc_synthetic_shape: str = arg(None, "C,H,W of a synthetic accuracy check (default 3,32,32)", str)
+    acc_val_size: int = arg(1000, "held-out images on which the accuracies are measured")
+    acc_seeds: str = arg("0,1", "seeds; each trains once in fp32 and once on the fast path (2 runs per seed)")
+    data_root: str = arg("data", "dataset folder (real datasets of the accuracy check)")
+    # --- output ----------------------------------------------------------------------------------
+    out: str = arg("runs/benchmark/speed.json", "JSON file with every figure, the environment and the command")
+
+
+def parse_args(argv=None) -> Args:
+    """argparse from the Args dataclass: kebab-case flags, one help line each."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.default is False:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        elif meta["type"] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            kind = meta["type"] or type(f.default)
+            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# =============================================================================================
+# Settings shared by every variant
+# =============================================================================================
+
+
+def resolve(args: Args) -> Args:
+    """Fill the None settings from the dataset (shape, train size, eps, step eps/4) and the device."""
+    info = dataset_info(args.dataset)
+    shape = args.shape or ",".join(map(str, info.shape))
+    epsilon = args.epsilon if args.epsilon is not None else info.epsilon
+    resolved = dataclasses.replace(
+        args, shape=shape, epsilon=epsilon,
+        train_size=args.train_size or info.train_size,
+        attack_step_size=args.attack_step_size if args.attack_step_size is not None else epsilon / 4,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if image_shape(resolved) != info.shape and info.num_classes != 10:
+        raise ValueError(f"--shape {shape} differs from {args.dataset}'s {info.shape}: such runs use the "
+                         f"10-class synthetic stand-in, so pick a 10-class --dataset")
+    if not 1 <= resolved.rounds <= max(resolved.steps, 1) or resolved.steps < 1 or resolved.warmup < 0:
+        raise ValueError(f"need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps, got "
+                         f"{resolved.steps}, {resolved.warmup}, {resolved.rounds}")
+    unknown = set(variant_list(resolved)) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    return resolved
+
+
+def image_shape(args: Args) -> tuple[int, int, int]:
+    return tuple(int(v) for v in args.shape.split(","))
+
+
+def variant_list(args: Args) -> list[str]:
+    return [v for v in args.variants.split(",") if v and v != "none"]
+
+
+def num_classes(args: Args) -> int:
+    return dataset_info(args.dataset).num_classes
+
+
+def script_of(variant: str):
+    """(script module, its Args overrides) of a fast-path variant."""
+    return {"plain": (fsr, dict(no_fsr=True)), "fsr": (fsr, {}), "cifs": (cifs, {})}[variant]
+
+
+def script_args(script, args: Args, **overrides):
+    """The script's Args for these settings. A shape other than the dataset's goes through the
+    scripts' synthetic dataset (10 classes) with that shape; augmentation follows --dataset."""
+    info = dataset_info(args.dataset)
+    same_shape = image_shape(args) == info.shape
+    values = dict(dataset=args.dataset if same_shape else "synthetic",
+                  synthetic_shape=None if same_shape else args.shape,
+                  model=args.model, strategy=args.strategy, batch_size=args.batch_size, augment=info.augment,
+                  epsilon=args.epsilon, attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
+                  eval_steps=args.eval_steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                  compile=args.compile, seed=args.seed, benchmark_steps=args.steps, log_interval=1e9)
+    values.update(overrides)
+    return script.Args(**values)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# =============================================================================================
+# Peak throughput of the GPU
+# =============================================================================================
+
+# Dense (no 2:4 sparsity) peak TFLOP/s. Sources: NVIDIA's datasheets, "NVIDIA H100 Tensor Core GPU"
+# (SXM5 and PCIe columns), "NVIDIA H200 Tensor Core GPU" (SXM) and "NVIDIA A100 Tensor Core GPU"
+# (SXM and PCIe alike); the datasheets quote tensor-core figures with sparsity, halved here.
+# "tf32" is what fp32 convolutions run at while torch.backends.cudnn.allow_tf32 is on (the default).
+PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+
+
+def gpu_model(device_name: str) -> str | None:
+    """The PEAK_TFLOPS row of a torch.cuda.get_device_name(), or None (NVL parts run other clocks)."""
+    name = device_name.upper()
+    if "NVL" in name:
+        return None
+    if "H100" in name:
+        return "H100 PCIe" if "PCIE" in name else "H100 SXM"
+    if "H200" in name:
+        return "H200"
+    if "A100" in name:
+        return "A100"
+    return None
+
+
+def peak_tflops(args: Args, device: torch.device, precision: str) -> float | None:
+    """--peak-tflops if given, else the table's figure for this GPU and precision; None on CPU."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    row = gpu_model(torch.cuda.get_device_name(device))
+    if row is None:
+        return None
+    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"
+    return PEAK_TFLOPS[row][precision]
+
+
+def training_record(args: Args, device, round_seconds: list, round_steps: list, peak_memory: float | None,
+                    forward_equivalents: int, flops: int, precision: str, **extra) -> dict:
+    """The figures of one timed training variant. TFLOP/s counts *useful* FLOPs: forward FLOPs per
+    image (models.count_flops) x forward-equivalents per image (the scripts' forward_equivalents).
+    `spread`: (slowest - fastest) / mean seconds per step over the rounds, a noise indicator."""
+    seconds = sum(round_seconds)
+    images_per_second = sum(round_steps) * args.batch_size / seconds
+    tflops = images_per_second * forward_equivalents * flops / 1e12
+    peak = peak_tflops(args, device, precision)
+    per_step = [t / n for t, n in zip(round_seconds, round_steps)]
+    return {"images_per_second": images_per_second, "seconds_per_epoch": args.train_size / images_per_second,
+            "tflops_per_second": tflops, "peak_tflops": peak, "fraction_of_peak": tflops / peak if peak else None,
+            "peak_memory_gib": peak_memory, "forward_gflops": flops / 1e9,
+            "forward_equivalents": forward_equivalents, "precision": precision,
+            "timed_steps": sum(round_steps), "warmup_steps": args.warmup, "timed_seconds": seconds,
+            "round_seconds": round_seconds,
+            "spread": (max(per_step) - min(per_step)) / (seconds / sum(round_steps)) if len(per_step) > 1 else None,
+            **extra}
+
+
+# =============================================================================================
+# The fast path: what fsr.py / cifs.py train() run
+# =============================================================================================
+
+
+class FastPath(NamedTuple):
+    args: object  # the script's resolved Args
+    device: torch.device
+    amp: bool
+    autocast: object
+    memory_format: torch.memory_format
+    model: torch.nn.Module
+    compute_model: torch.nn.Module  # the network the attack runs on (compiled with --compile)
+    update: torch.nn.Module  # the script's UpdatePasses around it: the parameter-update forward(s)
+    optimizer: torch.optim.Optimizer
+    batches: object  # iterator of (x, y) on the device
+
+
+def fast_path(script, script_arguments, n_batches: int) -> FastPath:
+    """Model, optimiser and data exactly as the script's train() sets them up (and as its benchmark()
+    does, plus the on-device loader: gather, crop + flip on uint8, float), over n_batches of
+    synthetic images of the run's shape."""
+    args = script.resolve(script_arguments)
+    script.check_args(args)
+    device, amp, autocast, memory_format = script.device_settings(args)
+    script.seed_everything(args.seed, args.deterministic)
+    shape, info = script.input_shape(args), dataset_info(args.dataset)
+    model = script.build_network(args).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    compute_model = torch.compile(model) if args.compile else model
+    update = script.UpdatePasses(compute_model, args.strategy)
+    split = make_synthetic(info.num_classes, shape, n_batches * args.batch_size, args.seed, train=True)
+    loader = DeviceLoader(split, args.batch_size, device, shuffle=True, augment=args.augment,
+                          padding=info.padding or 4, seed=args.seed, channels_last=memory_format == torch.channels_last)
+    return FastPath(args, device, amp, autocast, memory_format, model, compute_model, update, optimizer,
+                    loader.epoch(0))
+
+
+class Prepared(NamedTuple):
+    """A training variant ready to time: step(x, y) runs one training step on a batch of `batches`
+    (fetching the batch is part of the step); record(round_seconds, round_steps, peak memory)
+    turns the timings into the variant's figures."""
+    step: object
+    batches: object
+    device: torch.device
+    record: object
+
+
+def prepare_fast_path(variant: str, args: Args) -> Prepared:
+    """A fast-path variant (plain, fsr, cifs). The step is the scripts' own training_step +
+    zero_grad + backward + SGD step, as in their train() and benchmark()."""
+    script, overrides = script_of(variant)
+    run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.steps)
+
+    def step(x, y):
+        loss, _, _ = script.training_step(run.compute_model, x, y, run.args, 0, run.autocast, run.update)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+
+    def record(round_seconds, round_steps, peak_memory):
+        return training_record(args, run.device, round_seconds, round_steps, peak_memory,
+                               script.forward_equivalents(run.args),
+                               count_flops(run.model, script.input_shape(run.args)),
+                               "bf16" if run.amp else "fp32", parameters=count_parameters(run.model),
+                               channels_last=run.memory_format == torch.channels_last,
+                               compiled=bool(run.args.compile), data="on-device uint8 (models.DeviceLoader)",
+                               attack_gradients="input only")
+
+    return Prepared(step, run.batches, run.device, record)
+
+
+def round_sizes(steps: int, rounds: int) -> list[int]:
+    """`steps` split into `rounds` near-equal parts."""
+    return [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+
+
+def time_variants(args: Args, variants: list[str], log=print) -> dict:
+    """Prepare each variant and run its warm-up steps (peak GPU memory is measured there, net of
+    what the variants prepared before it hold), then time args.steps steps of every variant in
+    args.rounds rounds, interleaved: order a, b, c, then c, b, a, ... Returns {variant: figures}."""
+    device = torch.device(args.device)
+    prepared, peaks, skipped = {}, {}, {}
+    for variant in variants:
+        log(f"preparing {LABELS[variant]} ({args.warmup} warm-up steps) ...")
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        reset_peak_memory(device)
+        ready = prepare_reference(args) if variant == "reference" else prepare_fast_path(variant, args)
+        if isinstance(ready, str):
+            skipped[variant] = {"skipped": ready}
+            continue
+        for _ in range(args.warmup):
+            ready.step(*next(ready.batches))
+        synchronize(device)
+        peaks[variant] = (peak_memory_gib(device) - before / 2**30) if device.type == "cuda" and args.warmup else None
+        prepared[variant] = ready
+    sizes = round_sizes(args.steps, args.rounds) if prepared else []
+    seconds = {variant: [] for variant in prepared}
+    for r, size in enumerate(sizes):
+        order = list(prepared) if r % 2 == 0 else list(reversed(prepared))
+        log(f"timing round {r + 1}/{len(sizes)}: {size} steps each of {', '.join(LABELS[v] for v in order)} ...")
+        for variant in order:
+            ready = prepared[variant]
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(size):
+                ready.step(*next(ready.batches))
+            synchronize(device)
+            seconds[variant].append(time.perf_counter() - started)
+    figures = {variant: prepared[variant].record(seconds[variant], sizes, peaks[variant]) for variant in prepared}
+    return {variant: figures.get(variant) or skipped[variant] for variant in variants}
+
+
+# =============================================================================================
+# The reference loop: the same training written the older way
+# =============================================================================================
+
+
+class PILImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset like torchvision.datasets.CIFAR10: uint8 H x W x C arrays in memory, each
+    item turned into a PIL image and passed through `transform`."""
+
+    def __init__(self, split: ImageSplit, transform):
+        images = split.images.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as CIFAR10.data
+        self.data = images[..., 0] if images.shape[-1] == 1 else images  # 1 channel: mode "L"
+        self.targets = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def reference_loader(split: ImageSplit, args: Args) -> torch.utils.data.DataLoader:
+    """CPU DataLoader with PIL transforms: pad-4 random crop + horizontal flip + ToTensor for a
+    dataset that augments, ToTensor alone otherwise. (The official CIFS code uses these transforms
+    with 4 workers; the official FSR train.py uses a longer PIL round trip with no workers.)"""
+    size = image_shape(args)[1:]
+    augment = [transforms.RandomCrop(size, padding=dataset_info(args.dataset).padding or 4),
+               transforms.RandomHorizontalFlip()] if dataset_info(args.dataset).augment == "crop_flip" else []
+    dataset = PILImageDataset(split, transforms.Compose([*augment, transforms.ToTensor()]))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                       num_workers=args.num_workers)
+
+
+def reference_attack(model, x, y, eps: float, step_size: float, steps: int, weight_grads: bool = True):
+    """Madry PGD, old style: eval mode, a uniform random start, `loss.backward()` on the input that
+    requires grad (which also computes and accumulates every weight's .grad: the extra cost this
+    style pays), sign step, projection onto the eps-ball and [0, 1]. weight_grads=False takes
+    torch.autograd.grad w.r.t. the input instead, as the official FSR code does."""
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        loss = F.cross_entropy(model(x_adv)[0], y)  # our networks return (logits, emitted)
+        if weight_grads:
+            loss.backward()
+            grad = x_adv.grad
+        else:
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    model.train()
+    return x_adv.detach()
+
+
+def prepare_reference(args: Args) -> Prepared | str:
+    """The reference loop: fp32, contiguous, the same backbone (models.build_model), the DataLoader
+    above, reference_attack, then CE on x_adv and an SGD step. A string says why it cannot run."""
+    if args.strategy not in ("natural", "at"):
+        return f"the reference loop implements natural and at, not {args.strategy}"
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True  # as the official FSR train.py
+    shape = image_shape(args)
+    model = build_model(args.model, num_classes(args), shape).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    n_images = (args.warmup + args.steps) * args.batch_size
+    split = make_synthetic(num_classes(args), shape, n_images, args.seed, train=True)
+    batches = iter(reference_loader(split, args))
+
+    def step(x, y):
+        x, y = x.to(device), y.to(device)
+        if args.strategy == "at":
+            x = reference_attack(model, x, y, args.epsilon, args.attack_step_size, args.attack_steps,
+                                 args.reference_weight_grads)
+        model.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x)[0], y)
+        loss.backward()
+        optimizer.step()
+
+    def record(round_seconds, round_steps, peak_memory):
+        plain = fsr.resolve(script_args(fsr, args, no_fsr=True))
+        # Useful FLOPs: the fast path's count for the same training (an input-only attack backward
+        # = 1 forward), so that TFLOP/s ratios equal images/s ratios. With weight gradients the
+        # attack's backward really costs ~2 forwards: `executed_forward_equivalents` says what ran.
+        attack = (3 if args.reference_weight_grads else 2) * args.attack_steps if args.strategy == "at" else 0
+        return training_record(args, device, round_seconds, round_steps, peak_memory, fsr.forward_equivalents(plain),
+                               count_flops(model, shape), "fp32", parameters=count_parameters(model),
+                               executed_forward_equivalents=attack + 3, channels_last=False, compiled=False,
+                               data=f"DataLoader, PIL transforms, {args.num_workers} workers",
+                               attack_gradients="input and weights" if args.reference_weight_grads else "input only")
+
+    return Prepared(step, batches, device, record)
+
+
+# =============================================================================================
+# Evaluation cost: the scripts' PGD evaluation
+# =============================================================================================
+
+
+def time_evaluation(variant: str, args: Args) -> dict:
+    """Seconds of the script's evaluate() (PGD-eval_steps, step eps/10, no random start, fp32, plus
+    the clean and adversarial accuracy forwards) over eval_images images, extrapolated to 10,000."""
+    script, overrides = script_of(variant)
+    run_args = script.resolve(script_args(script, args, **overrides))
+    device, _, _, memory_format = script.device_settings(run_args)
+    script.seed_everything(run_args.seed, run_args.deterministic)
+    shape = script.input_shape(run_args)
+    model = script.build_network(run_args).to(device, memory_format=memory_format).eval()
+    split = make_synthetic(num_classes(args), shape, args.eval_images, args.seed, train=False)
+    if args.warmup:  # one batch, one PGD step: cuDNN picks its fp32 kernels for this batch size
+        first = ImageSplit(split.images[:args.eval_batch_size], split.labels[:args.eval_batch_size], split.num_classes)
+        script.evaluate(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
+                        dataclasses.replace(run_args, eval_steps=1))
+    loader = DeviceLoader(split, args.eval_batch_size, device, shuffle=False)
+    synchronize(device)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    script.evaluate(model, loader, run_args)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    forward_equivalents = 2 * args.eval_steps + 2  # attack: forward + input-only backward; 2 accuracy forwards
+    flops = count_flops(model, shape)
+    return {"images": args.eval_images, "seconds": seconds, "images_per_second": args.eval_images / seconds,
+            "seconds_per_10000": seconds * 10000 / args.eval_images,
+            "extrapolated": None if args.eval_images == 10000 else
+            f"measured on {args.eval_images} images, scaled linearly to 10,000",
+            "tflops_per_second": args.eval_images / seconds * forward_equivalents * flops / 1e12,
+            "forward_equivalents": forward_equivalents, "peak_memory_gib": peak_memory_gib(device)}
+
+
+# =============================================================================================
+# Ratios and the targets of issue #6
+# =============================================================================================
+
+
+def ratios(variants: dict) -> dict:
+    """Speed-up of the fast path over the reference loop (ratio of images/s) and the time per image
+    that FSR and CIFS add over the plain backbone: (plain img/s / method img/s - 1) x 100 %."""
+    def ips(name):
+        record = variants.get(name) or {}
+        return record.get("images_per_second")
+
+    plain = ips("plain")
+    return {"speedup_over_reference": plain / ips("reference") if plain and ips("reference") else None,
+            "fsr_overhead_percent": (plain / ips("fsr") - 1) * 100 if plain and ips("fsr") else None,
+            "cifs_overhead_percent": (plain / ips("cifs") - 1) * 100 if plain and ips("cifs") else None}
+
+
+def target_settings_differ(args: Args) -> list[str]:
+    """How these settings differ from the issue's (ResNet-18, 3x32x32, batch 128, PGD-10 AT)."""
+    wanted = dict(model="resnet18", shape="3,32,32", batch_size=128, strategy="at", attack_steps=10)
+    return [f"{name} {getattr(args, name)} (target: {value})" for name, value in wanted.items()
+            if getattr(args, name) != value]
+
+
+def check_targets(args: Args, results: dict) -> list[dict]:
+    """One line per target of issue #6: PASS, FAIL, or why it was not measured."""
+    device = torch.device(args.device)
+    name = results["environment"]["device_name"]
+    plain = results["variants"].get("plain") or {}
+    r = results["ratios"]
+    differ = target_settings_differ(args)
+    lines = []
+
+    def h100_target(target, value, passed, unit):
+        if value is None:
+            verdict = "not measured (variant skipped)"
+        elif device.type != "cuda":
+            verdict = "not measured (no GPU)"
+        elif differ:
+            verdict = "not applicable (settings differ: " + "; ".join(differ) + ")"
+        elif "H100" not in name.upper():
+            verdict = f"not judged: the target is defined for an H100, this is {name}"
+        else:
+            verdict = "PASS" if passed else "FAIL"
+        lines.append({"target": target, "value": value, "unit": unit, "verdict": verdict})
+
+    def overhead_target(target, value, limit):
+        if value is None:
+            verdict = "not measured (variant skipped)"
+        else:
+            verdict = "PASS" if value <= limit else "FAIL"
+            if device.type != "cuda" or "H100" not in name.upper():
+                verdict += f" (on {name}; the issue sets the target on an H100)"
+        lines.append({"target": target, "value": value, "unit": "%", "verdict": verdict})
+
+    epoch = plain.get("seconds_per_epoch")
+    h100_target("ResNet-18 PGD-10 AT, batch 128: <= 8 s per epoch (plain fast path)", epoch,
+                epoch is not None and epoch <= 8, "s")
+    speedup = r["speedup_over_reference"]
+    h100_target(">= 10x the reference loop", speedup, speedup is not None and speedup >= 10, "x")
+    overhead_target("FSR overhead <= 6 % over the plain backbone", r["fsr_overhead_percent"], 6)
+    overhead_target("CIFS overhead <= 10 % over the plain backbone", r["cifs_overhead_percent"], 10)
+    check = results.get("accuracy_check")
+    if check is None:
+        lines.append({"target": "robust accuracy unchanged by the fast path (within noise of fp32)", "value": None,
+                      "unit": "points", "verdict": "not measured (run with --accuracy-check)"})
+    else:
+        lines.append({"target": "robust accuracy unchanged by the fast path (within noise of fp32)",
+                      "value": check["robust_difference"] * 100, "unit": "points",
+                      "verdict": ("PASS" if check["within_noise"] else "FAIL") + f" ({check['criterion']})"})
+    return lines
+
+
+# =============================================================================================
+# --accuracy-check: the same short run in fp32 and on the fast path
+# =============================================================================================
+
+
+def mean_and_spread(values: list) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def accuracy_check(args: Args, log=print) -> dict:
+    """Train the same short run through fsr.py / cifs.py at every seed of --acc-seeds twice: in
+    fp32 (no autocast, contiguous) and on the fast path (bf16 autocast + channels_last, + compile
+    with --compile), in a temporary runs folder. Compares the mean final held-out clean and
+    PGD-eval_steps accuracy (the scripts always evaluate in fp32). Noise: the standard error of the
+    difference of the two means from the seed-to-seed spread, never below the binomial one of
+    acc_val_size images; within noise = |difference| <= 2 standard errors."""
+    script, overrides = (fsr, dict(no_fsr=True)) if args.method == "plain" else \
+        {"fsr": (fsr, {}), "cifs": (cifs, {})}[args.method]
+    seeds = [int(s) for s in args.acc_seeds.split(",") if s]
+    if not seeds or args.acc_val_size < 1:
+        raise ValueError("--accuracy-check needs at least one --acc-seeds and --acc-val-size >= 1")
+    base = dict(dataset=args.acc_dataset, model=args.acc_model, epochs=args.acc_epochs, milestones=args.acc_milestones,
+                synthetic_size=args.acc_synthetic_size, synthetic_shape=args.acc_synthetic_shape,
+                val_size=args.acc_val_size, eval_steps=args.eval_steps, eval_every=10**9, data_root=args.data_root,
+                device=args.device, log_interval=1e9, **overrides)
+    runs = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for seed in seeds:
+            for label, fast in (("fp32", False), ("fast", True)):
+                run_args = script.Args(**base, seed=seed, amp=fast, channels_last=fast, compile=fast and args.compile,
+                                       runs_dir=runs_dir, run_name=f"{label}_seed{seed}")
+                started = time.perf_counter()
+                metrics = script.train(run_args, log=lambda line, tag=f"{label} seed {seed}": log(f"  [{tag}] {line}"))
+                runs.append({"run": label, "seed": seed, "amp": fast, "channels_last": fast,
+                             "compile": fast and args.compile, "val_clean": metrics["val_clean"],
+                             "val_robust": metrics["val_robust"], "seconds": time.perf_counter() - started})
+    summary = {}
+    for label in ("fp32", "fast"):
+        for metric in ("val_clean", "val_robust"):
+            summary[f"{label}_{metric}"] = mean_and_spread([r[metric] for r in runs if r["run"] == label])
+    (fp32_robust, fp32_sd), (fast_robust, fast_sd) = summary["fp32_val_robust"], summary["fast_val_robust"]
+    n = len(seeds)
+    binomial = math.sqrt(2 * max(fp32_robust * (1 - fp32_robust), 1e-12) / (args.acc_val_size * n))
+    seed_se = math.sqrt((fp32_sd ** 2 + fast_sd ** 2) / n) if n > 1 else None
+    standard_error = max(seed_se or 0.0, binomial)
+    robust_difference = fast_robust - fp32_robust
+    return {"script": script.METHOD if args.method != "plain" else "fsr (--no-fsr)", "seeds": seeds, "runs": runs,
+            "mean_clean": {"fp32": summary["fp32_val_clean"][0], "fast": summary["fast_val_clean"][0]},
+            "mean_robust": {"fp32": fp32_robust, "fast": fast_robust},
+            "seed_sd_robust": {"fp32": fp32_sd, "fast": fast_sd},
+            "clean_difference": summary["fast_val_clean"][0] - summary["fp32_val_clean"][0],
+            "robust_difference": robust_difference, "standard_error": standard_error,
+            "binomial_standard_error": binomial, "within_noise": abs(robust_difference) <= 2 * standard_error,
+            "criterion": f"|mean fast - mean fp32| <= 2 s.e. = {2 * standard_error * 100:.1f} points over "
+                         f"{n} seed(s)" + ("" if n > 1 else ", binomial s.e. only: no seed-to-seed noise measured")}
+
+
+# =============================================================================================
+# --profile: where the time of a fast-path training step goes
+# =============================================================================================
+
+# Op and kernel names -> coarse groups, first match wins (names lower-cased; CPU aten ops and CUDA
+# kernel names alike). Anything unmatched is "other".
+OP_GROUPS = (
+    ("batch norm", r"batch_norm|batchnorm|bn_fw|bn_bw|welford"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|cudnn|nchw|nhwc"),
+    ("matmul (linear)", r"gemm|addmm|\bmm\b|matmul|linear|cublas|cutlass"),
+    ("optimizer", r"sgd|foreach|multi_tensor"),
+    ("copies", r"memcpy|memset|copy|contiguous|clone|\bcat\b"),
+    ("elementwise & reductions", r"elementwise|reduce|relu|threshold|add|mul|div|sub|sign|clamp|min|max|where|fill"
+                                 r"|sum|mean|softmax|log|exp|neg|pow|sqrt|uniform|rand|index|gather|scatter|pool"
+                                 r"|sort|topk|argmax|abs|nll|cross_entropy|triton|pad"),
+)
+ANNOTATIONS = ("attack", "update")
+
+
+def op_group(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, pattern in OP_GROUPS if re.search(pattern, lowered)), "other")
+
+
+def labelled_training_step(script, run: FastPath, x, y, seconds: dict):
+    """script.training_step + zero_grad + backward + SGD step, written out so that the profiler can
+    label its two halves ("attack", "update"); wall seconds of each half (synchronised) are added
+    to `seconds`. tests/test_speed.py checks that it computes training_step's loss."""
+    model, args = run.compute_model, run.args
+    with record_function("attack"):
+        started = time.perf_counter()
+        with run.autocast():
+            x_train = script.craft_adversarial(model, x, y, args, 0, script.attack_loss(args))
+        synchronize(run.device)
+        seconds["attack"] += time.perf_counter() - started
+    with record_function("update"):
+        started = time.perf_counter()
+        run.update.train()
+        with run.autocast():
+            logits_clean, logits, emitted = run.update(x, x_train, y)
+            loss_cls = script.classification_loss(args.strategy, logits, y, logits_clean, args)
+            loss, _ = script.objective(loss_cls, logits, emitted, y, args)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        synchronize(run.device)
+        seconds["update"] += time.perf_counter() - started
+    return loss.detach()
+
+
+def profile_fast_path(args: Args, trace_path: str | None = None, top: int = 15) -> dict:
+    """Profile --profile-steps fast-path training steps (after --warmup untimed ones) with
+    torch.profiler: CPU activity, and CUDA kernels on a GPU. Op self time is device (kernel) time on
+    CUDA, CPU time otherwise; annotations and Python time between ops are not counted as ops."""
+    script, overrides = script_of(args.profile_variant)
+    run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.profile_steps)
+    seconds = {"attack": 0.0, "update": 0.0}
+    for _ in range(args.warmup):
+        labelled_training_step(script, run, *next(run.batches), dict(seconds))
+    synchronize(run.device)
+    on_device = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            labelled_training_step(script, run, *next(run.batches), seconds)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    ops = {}
+    for event in prof.key_averages():
+        if event.key in ANNOTATIONS or event.key.startswith("ProfilerStep"):
+            continue
+        if on_device:  # kernels, memcpy, memset: each device interval counted once
+            if event.device_type == torch.autograd.DeviceType.CPU:
+                continue
+            self_us = event.self_device_time_total
+        else:
+            self_us = event.self_cpu_time_total
+        if self_us > 0:
+            ops[event.key] = (ops.get(event.key, (0, 0))[0] + self_us, ops.get(event.key, (0, 0))[1] + event.count)
+    total = sum(us for us, _ in ops.values()) or 1.0
+    groups = {}
+    for name, (us, _) in ops.items():
+        groups[op_group(name)] = groups.get(op_group(name), 0.0) + us / total
+    ranked = sorted(ops.items(), key=lambda item: -item[1][0])[:top]
+    wall = seconds["attack"] + seconds["update"]
+    calls = sum(count for _, count in ops.values())
+    # busy_share: op time / wall time. On a GPU (one stream) the share of the step the GPU computes;
+    # well below 1 with short kernels means the step is bound by the host launching them.
+    return {"variant": args.profile_variant, "steps": args.profile_steps, "time": "device" if on_device else "CPU",
+            "op_seconds": total / 1e6, "wall_seconds": wall, "busy_share": total / 1e6 / wall,
+            "ops_per_step": calls / args.profile_steps, "mean_op_us": total / max(calls, 1),
+            "attack_share": seconds["attack"] / wall, "update_share": seconds["update"] / wall,
+            "groups": dict(sorted(groups.items(), key=lambda item: -item[1])),
+            "top_ops": [{"name": name, "self_ms": us / 1e3, "share": us / total, "calls": calls}
+                        for name, (us, calls) in ranked],
+            "trace": trace_path}
+
+
+# =============================================================================================
+# Environment, output, main
+# =============================================================================================
+
+
+def environment(args: Args, argv: list[str]) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as file:
+                device_name = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"device": str(device), "device_name": device_name, "gpu_model": gpu_model(device_name)
+            if device.type == "cuda" else None,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git": commit,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "benchmarks/speed.py", *argv])}
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def percent(fraction):
+    return None if fraction is None else 100 * fraction
+
+
+def markdown(results: dict) -> str:
+    """The console report: training table, ratios, evaluation, targets, accuracy check, profile."""
+    s = results["settings"]
+    env = results["environment"]
+    lines = [f"## Speed: {s['model']}, {s['shape']} images, batch {s['batch_size']}, {s['strategy']} "
+             f"(PGD-{s['attack_steps']}, step {s['attack_step_size']:.5f}, eps {s['epsilon']:.5f}) on "
+             f"{env['device_name']} ({env['device']}), torch {env['torch']}", ""]
+    if results["variants"]:
+        lines += [f"| variant | precision | data | attack gradients | images/s | s/epoch ({s['train_size']:,}) "
+                  f"| TFLOP/s | of peak | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["variants"].items():
+            if "skipped" in r:
+                lines.append(f"| {LABELS[name]} | skipped: {r['skipped']} |||||||")
+                continue
+            precision = r["precision"] + (", channels_last" if r["channels_last"] else "") + \
+                (", compiled" if r["compiled"] else "")
+            lines.append(f"| {LABELS[name]} | {precision} | {r['data']} | {r['attack_gradients']} "
+                         f"| {r['images_per_second']:.1f} | {r['seconds_per_epoch']:.1f} | {r['tflops_per_second']:.3f} "
+                         f"| {fmt(r['fraction_of_peak'], '.1%')} | {fmt(r['peak_memory_gib'], '.2f')} |")
+        r = results["ratios"]
+        lines += ["", f"Speed-up of the fast path over the reference loop: {fmt(r['speedup_over_reference'], '.2f')}x; "
+                  f"FSR overhead {fmt(r['fsr_overhead_percent'], '+.1f')} %, CIFS overhead "
+                  f"{fmt(r['cifs_overhead_percent'], '+.1f')} % (extra time per image over plain). "
+                  f"Timed: {s['steps']} steps per variant after {s['warmup']} warm-up steps, in {s['rounds']} "
+                  f"interleaved round(s)" + (f"; spread of seconds per step over the rounds: " + ", ".join(
+                      f"{LABELS[n]} {r['spread']:.0%}" for n, r in results["variants"].items()
+                      if r.get("spread") is not None) if s["rounds"] > 1 else "") + ".", ""]
+    if results["evaluation"]:
+        lines += [f"| evaluation: PGD-{s['eval_steps']}, fp32 | images | seconds | images/s | s per 10,000 "
+                  f"| TFLOP/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+        for name, r in results["evaluation"].items():
+            lines.append(f"| {LABELS[name]} | {r['images']} | {r['seconds']:.1f} | {r['images_per_second']:.1f} "
+                         f"| {r['seconds_per_10000']:.1f}{' (extrapolated)' if r['extrapolated'] else ''} "
+                         f"| {r['tflops_per_second']:.3f} | {fmt(r['peak_memory_gib'], '.2f')} |")
+        note = next((r["extrapolated"] for r in results["evaluation"].values() if r["extrapolated"]), None)
+        lines += ([f"", f"Evaluation {note}."] if note else []) + [""]
+    lines += ["Targets (issue #6):"] + [
+        f"- {t['target']}: {fmt(t['value'], '.2f')}{' ' + t['unit'] if t['value'] is not None else ''} -> {t['verdict']}"
+        for t in results["targets"]] + [""]
+    check = results.get("accuracy_check")
+    if check:
+        lines += [f"Accuracy check ({check['script']}):", "", "| run | seed | bf16 | channels_last | compile "
+                  "| val clean | val PGD | seconds |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['seed']} | {r['amp']} | {r['channels_last']} | {r['compile']} "
+                  f"| {r['val_clean']:.2%} | {r['val_robust']:.2%} | {r['seconds']:.0f} |" for r in check["runs"]]
+        sd = check["seed_sd_robust"]
+        lines += ["", f"Mean over seeds {check['seeds']}: fast - fp32 clean {check['clean_difference'] * 100:+.1f}, "
+                  f"robust {check['robust_difference'] * 100:+.1f} points (fp32 {check['mean_robust']['fp32']:.2%}, "
+                  f"fast {check['mean_robust']['fast']:.2%}); seed-to-seed s.d. of the robust accuracy: fp32 "
+                  f"{fmt(percent(sd['fp32']), '.1f', 'n/a')}, fast {fmt(percent(sd['fast']), '.1f', 'n/a')} points; "
+                  f"s.e. of the difference {check['standard_error'] * 100:.1f} points "
+                  f"(binomial floor {check['binomial_standard_error'] * 100:.1f}).", ""]
+    prof = results.get("profile")
+    if prof:
+        lines += [f"Profile ({LABELS[prof['variant']]} fast path, {prof['steps']} steps, {prof['time']} time): attack "
+                  f"{prof['attack_share']:.0%} / update {prof['update_share']:.0%} of the step (wall, synchronised); "
+                  f"{'kernels' if prof['time'] == 'device' else 'ops'} busy {prof['busy_share']:.0%} of the wall time, "
+                  f"{prof['ops_per_step']:.0f} {'kernels' if prof['time'] == 'device' else 'ops'} per step of "
+                  f"{prof['mean_op_us']:.0f} us on average; by group: "
+                  + ", ".join(f"{g} {share:.0%}" for g, share in prof["groups"].items()) + ".", "",
+                  "| op | self ms | share | calls |", "|---|---|---|---|"]
+        lines += [f"| {o['name'][:90]} | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"]]
+        lines += [f"", f"Chrome trace: {prof['trace']}"] if prof["trace"] else []
+        lines.append("")
+    lines.append(f"JSON: {results['out']}")
+    return "\n".join(lines)
+
+
+def run(args: Args, argv: list[str] | None = None, log=print) -> dict:
+    """Everything the flags ask for; returns the results (also written to args.out as JSON)."""
+    args = resolve(args)
+    results = {"settings": dataclasses.asdict(args), "environment": environment(args, argv or []),
+               "variants": {}, "evaluation": {}, "out": args.out}
+    results["variants"] = time_variants(args, variant_list(args), log)
+    results["ratios"] = ratios({k: v for k, v in results["variants"].items() if "skipped" not in v})
+    if args.eval_images > 0:
+        for variant in ("plain", "fsr", "cifs"):
+            log(f"timing the PGD-{args.eval_steps} evaluation of {LABELS[variant]} on {args.eval_images} images ...")
+            results["evaluation"][variant] = time_evaluation(variant, args)
+    results["accuracy_check"] = accuracy_check(args, log) if args.accuracy_check else None
+    if args.profile:
+        log(f"profiling {args.profile_steps} steps of {LABELS[args.profile_variant]} ...")
+        trace = os.path.join(os.path.dirname(os.path.abspath(args.out)), "trace.json") if args.trace else None
+        if trace:
+            os.makedirs(os.path.dirname(trace), exist_ok=True)
+        results["profile"] = profile_fast_path(args, trace)
+    results["targets"] = check_targets(args, results)
+    results["report"] = markdown(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as file:
+        json.dump(results, file, indent=2)
+    log(results["report"])
+    return results
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run(args, argv)
+
+
+if __name__ == "__main__":
+    main()
