@@ -674,6 +674,34 @@ def data_parallel(update: nn.Module, device) -> DistributedDataParallel:
                                    **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
+def build_for_training(args: Args, device, memory_format, rank: int, world_size: int):
+    """(model, network, update): the network, with the same initial weights in every process
+    (SyncBatchNorm with --sync-bn under torchrun); `network`, the view the attack runs on (compiled
+    with --compile, never DDP-wrapped); `update`, the update passes, DDP-wrapped under torchrun (its
+    construction broadcasts rank 0's weights and buffers). Attack noise is then seeded per process."""
+    seed_everything(args.seed, args.deterministic)
+    model = build_network(args)
+    if args.sync_bn and world_size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device, memory_format=memory_format)
+    seed_rank(args.seed, rank)
+    network = torch.compile(model) if args.compile else model
+    update = UpdatePasses(network, args.strategy)
+    return model, network, data_parallel(update, device) if world_size > 1 else update
+
+
+def update_parameters(model, network, update, optimizer, x, y, args, epoch, autocast):
+    """One SGD update on the batch (training_step, backward, step); under torchrun rank 0's
+    BatchNorm statistics are then broadcast. Returns training_step's (loss, parts, logits)."""
+    loss, parts, logits = training_step(network, x, y, args, epoch, autocast, update)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if dist.is_initialized():
+        broadcast_buffers(model)
+    return loss, parts, logits
+
+
 def seed_rank(seed: int, rank: int) -> None:
     """Attack noise (random starts) differs across processes: rank r > 0 continues from its own
     seed; rank 0 keeps the stream of a single-process run."""
@@ -736,12 +764,7 @@ def run(args: Args, log, rank: int, world_size: int) -> dict:
         checkpoint = None
     check_args(args)
     device, amp, autocast, memory_format = device_settings(args)
-    seed_everything(args.seed, args.deterministic)  # every process builds the same initial weights
-    model = build_network(args)
-    if args.sync_bn and world_size > 1:
-        model = convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=memory_format)
-    seed_rank(args.seed, rank)
+    model, network, update = build_for_training(args, device, memory_format, rank, world_size)
 
     # Data: the training split on the device as uint8, augmented there (models.DeviceLoader); under
     # torchrun every process holds the split and takes its share of each global batch.
@@ -790,13 +813,6 @@ def run(args: Args, log, rank: int, world_size: int) -> dict:
         except RuntimeError as error:  # another backbone, positions or probes
             raise CheckpointError(f"--init-from {args.init_from!r} does not fit this network: {error}") from error
         log(f"initialised the weights from {args.init_from}")
-    # The attack runs on `network` (compiled or not, never DDP-wrapped); the update passes run
-    # through `update`, which DDP wraps under torchrun (its construction broadcasts rank 0's
-    # weights and buffers, so all processes start identical, on resume too).
-    network = torch.compile(model) if args.compile else model
-    update = UpdatePasses(network, args.strategy)
-    if world_size > 1:
-        update = data_parallel(update, device)
 
     log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} train / {len(val_split) if val_split else 0} val), "
         f"strategy {args.strategy}, {count_parameters(model) / 1e6:.2f} M params, device {device}, "
@@ -811,12 +827,7 @@ def run(args: Args, log, rank: int, world_size: int) -> dict:
         started = last_print = time.time()
         sums, correct, seen = {}, 0, 0
         for step, (x, y) in enumerate(train_loader.epoch(epoch)):
-            loss, parts, logits = training_step(network, x, y, args, epoch, autocast, update)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if world_size > 1:
-                broadcast_buffers(model)
+            loss, parts, logits = update_parameters(model, network, update, optimizer, x, y, args, epoch, autocast)
             for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
                 sums[name] = sums.get(name, 0) + value.detach() * len(y)
             correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
@@ -876,30 +887,16 @@ def time_training_steps(args: Args, log, rank: int, world_size: int) -> dict:
     if args.batch_size % world_size:
         raise ValueError(f"the global batch {args.batch_size} must split evenly over {world_size} processes")
     device, amp, autocast, memory_format = device_settings(args)
-    seed_everything(args.seed, args.deterministic)
     shape, info = input_shape(args), dataset_info(args.dataset)
-    model = build_network(args)
-    if args.sync_bn and world_size > 1:
-        model = convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=memory_format)
-    seed_rank(args.seed, rank)
+    model, network, update = build_for_training(args, device, memory_format, rank, world_size)
     plain = build_model(args.model, info.num_classes, shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    network = torch.compile(model) if args.compile else model
-    update = UpdatePasses(network, args.strategy)
-    if world_size > 1:
-        update = data_parallel(update, device)
     per_process = args.batch_size // world_size
     x = torch.rand(per_process, *shape, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, info.num_classes, (per_process,), device=device)
 
     def step():
-        loss, _, _ = training_step(network, x, y, args, 0, autocast, update)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if world_size > 1:
-            broadcast_buffers(model)
+        update_parameters(model, network, update, optimizer, x, y, args, 0, autocast)
 
     def sync():
         if device.type == "cuda":

@@ -602,11 +602,16 @@ def test_init_from_warm_starts_the_weights(natural_run, tmp_path):
         assert torch.equal(value, natural[name]), name
 
 
-def test_init_from_refuses_another_method(natural_run, tmp_path):
-    checkpoint = torch.load(natural_run / "last.pt", weights_only=True)
+def relabelled_as_fsr(run, path):
+    """A copy of the run's last.pt that claims to be an fsr.py checkpoint."""
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
     checkpoint["method"] = "fsr"
-    fsr_like = tmp_path / "fsr.pt"
-    torch.save(checkpoint, fsr_like)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_init_from_refuses_another_method(natural_run, tmp_path):
+    fsr_like = relabelled_as_fsr(natural_run, tmp_path / "fsr.pt")
     with pytest.raises(cifs.CheckpointError, match="fsr"):
         cifs.train(small_args(tmp_path, init_from=str(fsr_like), run_name="warm"), log=quiet)
     assert not (tmp_path / "warm" / "last.pt").exists()
@@ -657,10 +662,7 @@ def test_resume_is_bitwise_equivalent(tmp_path):
 
 
 def test_checkpoint_of_another_method_is_refused(natural_run, tmp_path):
-    checkpoint = torch.load(natural_run / "last.pt", weights_only=True)
-    checkpoint["method"] = "fsr"
-    path = tmp_path / "last.pt"
-    torch.save(checkpoint, path)
+    path = relabelled_as_fsr(natural_run, tmp_path / "last.pt")
     with pytest.raises(cifs.CheckpointError, match="fsr"):
         cifs.load_checkpoint(str(path))
     with pytest.raises(SystemExit) as exit_info:
