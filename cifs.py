@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import attacks
-from models import (DeviceLoader, Network, build_model, convert_sync_batchnorm, count_flops, count_parameters, dataset_info,
-                    load_dataset, split_validation)
+from models import (MODELS, DATASETS, DeviceLoader, Network, balanced_subset, build_model, convert_sync_batchnorm,
+                    count_flops, count_parameters, dataset_info, load_dataset, split_validation, subset)
 
 METHOD = "cifs"
 
@@ -57,41 +58,51 @@ def arg(default, help: str, type=None, choices=None):
 @dataclass
 class Args:
     # --- what to train ------------------------------------------------------------------------
-    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | tinyimagenet | fmnist | synthetic")
-    model: str = arg(None, "backbone (default per dataset: resnet18; fmnist resnet10; synthetic smallcnn)", str)
-    strategy: str = arg("at", "adversarial-training strategy (SPEC.md §5; the paper: at, trades, fat)",
+    dataset: str = arg("cifar10", "dataset", choices=tuple(DATASETS))
+    model: str = arg(None, "backbone (default: resnet18; fmnist resnet10; synthetic smallcnn)", str, tuple(MODELS))
+    strategy: str = arg("at", "adversarial-training strategy (CIFS Table B.4: at, trades, fat)",
                         choices=("natural", "at", "trades", "mart", "fat"))
     no_cifs: bool = arg(False, "train the vanilla backbone through the identical loop (the baseline)")
     positions: str = arg(None, "comma-separated CIFS positions in forward order (default: resnet18 "
                          "layer4.0,layer4.1; resnet10 layer3,layer4; wrn28_10 block3.3.branch,final)", str)
     probes: str = arg(None, "probe per position, linear | mlp (default: mlp before the last position, linear at it)", str)
-    # --- CIFS (SPEC.md §4) and its ablations (CIFS appendix E) ------------------------------------
+    # --- CIFS (paper §3) and its ablations (CIFS appendix E) ---------------------------------------
     beta: float = arg(2.0, "beta of Eq. 3: weight of the probe losses (and of the training attack's joint loss)")
     mask_fn: str = arg("softmax", "IMGF: the importance-mask function", choices=("softmax", "sigmoid", "softplus"))
-    softmax_scale: float = arg(1.0, "scale of the softmax mask (1: final release; 2 = k: paper-era ResNet-18 code)")
+    softmax_scale: float = arg(None, "scale s of the softmax mask s * softmax(g) (default: 2 for resnet18 and resnet10, "
+                               "as the models behind the published tables; 1 for wrn28_10 and the others)", float)
     top_k: int = arg(2, "classes whose probe logits define the relevance (appendix E.2: 1, 2, 3)")
     hidden: int = arg(None, "hidden width of the MLP probe (default 128; 240 for wrn28_10)", int)
     official_scale: bool = arg(False, "multiply the loss by 3/(beta+1) as the official training code (beta ablation)")
-    # --- optimisation (None = the paper default of the dataset, SPEC.md §1) ------------------
-    epochs: int = arg(None, "training epochs", int)
-    lr: float = arg(None, "initial SGD learning rate", float)
-    weight_decay: float = arg(None, "SGD weight decay (all parameters)", float)
-    milestones: str = arg(None, "comma-separated epochs (1-indexed) from which the lr is 10x lower", str)
+    # --- optimisation (unset = the published recipe of the dataset, see DEFAULTS) -----------------
+    epochs: int = arg(None, "training epochs (default 120; wrn28_10 110; tinyimagenet 100)", int)
+    lr: float = arg(None, "initial SGD learning rate (default 0.1; svhn 0.01)", float)
+    weight_decay: float = arg(None, "SGD weight decay on all parameters (default 2e-4; svhn and wrn28_10 5e-4)", float)
+    milestones: str = arg(None, "epochs run before each 10x lr drop, as torch's MultiStepLR in the official code "
+                          "(default 75,90; fmnist 45,75,90)", str)
     batch_size: int = arg(128, "training batch size")
     momentum: float = arg(0.9, "SGD momentum")
-    augment: str = arg(None, "training augmentation (default per dataset)", str, ("none", "crop_flip"))
+    augment: str = arg(None, "training augmentation (default: crop_flip; svhn, fmnist, synthetic none)", str,
+                       ("none", "crop_flip"))
+    train_size: int = arg(None, "train on a seeded, class-balanced subset of this many training images "
+                          "(quick runs; default: all of them, as the paper)", int)
     # --- the training attack -----------------------------------------------------------------
-    epsilon: float = arg(None, "L-inf budget in image units, e.g. 0.0314 for 8/255 (default per dataset)", float)
-    attack_steps: int = arg(None, "steps of the training attack", int)
+    epsilon: float = arg(None, "L-inf budget in image units (default 8/255; fmnist 0.3)", float)
+    attack_steps: int = arg(None, "steps of the training attack (default 10; fmnist 20)", int)
     attack_step_size: float = arg(None, "step of the training attack (default eps/4; fmnist 0.02)", float)
     trades_beta: float = arg(6.0, "TRADES beta")
     mart_beta: float = arg(6.0, "MART beta (the MART ResNet-18 script used 5)")
     random_start: bool = arg(None, "random start of the training attack (default: on, each strategy's own: "
                              "uniform for AT and FAT, 0.001 N for TRADES and MART); --no-random-start starts at x", bool)
-    # --- validation during training ------------------------------------------------------------
-    val_size: int = arg(1000, "training images held out to pick best.pt (0: no validation)")
-    eval_every: int = arg(5, "evaluate clean and PGD accuracy on the held-out images every N epochs (and at the end)")
-    eval_steps: int = arg(20, "PGD steps of that evaluation (step eps/10, no random start, fp32)")
+    fat_omega: float = arg(0.001, "FAT: std of the noise added at each attack step (FAT's default; the CIFS "
+                           "repository's FAT wrapper passes 0)")
+    # --- monitoring and validation during training ---------------------------------------------
+    monitor_size: int = arg(1000, "fixed class-balanced test images on which clean and PGD accuracy are shown "
+                            "every --eval-every epochs: monitoring only, never used to choose a checkpoint (0: none)")
+    val_size: int = arg(0, "opt-in: hold out this many training images and keep best.pt at their best PGD accuracy "
+                        "(the paper trains on all images and reports the last epoch)")
+    eval_every: int = arg(5, "epochs between the monitoring / held-out evaluations (and at the end)")
+    eval_steps: int = arg(20, "PGD steps of those evaluations (step eps/10, no random start, fp32)")
     # --- data, device, speed -------------------------------------------------------------------
     data_root: str = arg("data", "dataset folder")
     synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
@@ -99,7 +110,7 @@ class Args:
     seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
     deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
-    amp: bool = arg(None, "bf16 autocast for training and the training attack (default: on with CUDA)", bool)
+    amp: bool = arg(False, "opt-in bf16 autocast for training and the training attack (default fp32, as the paper)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
     sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
@@ -107,15 +118,19 @@ class Args:
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
-    resume: str = arg(None, "continue from this last.pt (its settings are used; --device may change)", str)
-    init_from: str = arg(None, "start from the weights of this checkpoint of the same method (warm start)", str)
-    log_interval: float = arg(30.0, "seconds between progress lines within an epoch")
+    resume: str = arg(None, "continue from this last.pt with its own settings (--epochs, --device, --log-interval, "
+                      "--eval-every may change)", str)
+    init_from: str = arg(None, "start from the weights of a cifs.py checkpoint or of a state dict saved by the "
+                         "official ResNet-18 script (the authors' warm start)", str)
+    log_interval: float = arg(30.0, "seconds between progress lines within an epoch (the first after 5 s)")
     benchmark: bool = arg(False, "time training steps on random data of the dataset's shape, then exit")
     benchmark_steps: int = arg(20, "timed steps of --benchmark")
 
 
-# Paper defaults per dataset (CIFS §5 and appendix; SPEC.md §1). Weight decay 2e-4 for ResNet-18 and
-# ResNet-10, 5e-4 for SVHN and WRN-28-10 (see resolve). Synthetic is a CPU demo.
+# The published recipe per dataset (CIFS §5 and appendix; official CIFAR10_Res18_CIFS.py). Milestones
+# are those of the official MultiStepLR([75, 90]), stepped after each epoch: 75 epochs at 0.1, then
+# 15 at 0.01 (the authors' log shows 0-indexed epoch 74 at 0.1 and epoch 75 at 0.01). Weight decay
+# 2e-4 for ResNet-18 and ResNet-10, 5e-4 for SVHN and WRN-28-10 (see resolve). Synthetic is a CPU demo.
 DEFAULTS = {
     "cifar10": dict(model="resnet18", epochs=120, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
     "cifar100": dict(model="resnet18", epochs=120, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
@@ -124,14 +139,28 @@ DEFAULTS = {
     "fmnist": dict(model="resnet10", epochs=120, lr=0.1, weight_decay=2e-4, milestones="45,75,90", attack_steps=20, step=0.02 / 0.3),
     # CIFS starts slowly: the softmax mask shrinks the features ~C-fold until the probes sharpen it
     # (the authors' own natural ResNet-18 run sits at 10 % for its first 2 epochs), hence more steps.
-    "synthetic": dict(model="smallcnn", epochs=20, lr=0.1, weight_decay=5e-4, milestones="15,18", attack_steps=5, step=1 / 4),
+    "synthetic": dict(model="smallcnn", epochs=20, lr=0.1, weight_decay=5e-4, milestones="14,17", attack_steps=5, step=1 / 4),
 }
-# (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe), SPEC.md §2.
+# (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe) (CIFS §5,
+# appendix E.2): both blocks of ResNet-18's layer4, layer3 and layer4 of ResNet-10, the last block's
+# branch and the final BN-ReLU of WRN-28-10; other backbones mirror it on their last two units.
 DEFAULT_POSITIONS = {
     "resnet18": ("layer4.0,layer4.1", "mlp,linear"),
     "resnet10": ("layer3,layer4", "mlp,linear"),
     "wrn28_10": ("block3.3.branch,final", "mlp,linear"),
+    "wrn34_10": ("block3.4,final", "mlp,linear"),
+    "resnet50": ("layer4.1,layer4.2", "mlp,linear"),
+    "vgg16": ("stage5,pool5", "mlp,linear"),
+    "smallcnn": ("conv2,conv3", "mlp,linear"),
 }
+# The softmax scale s of m = s * softmax(g): 2 for the ResNets behind the published tables (the
+# authors' compiled `resnet_CSAFR_topk` module named in their result logs, and the first public
+# resnet_CIFS.py, multiply by 2); 1 for WRN-28-10 (its module and the final release comment the
+# factor out) and for backbones the paper did not use.
+SOFTMAX_SCALE = {"resnet18": 2.0, "resnet10": 2.0}
+# What the console and curves.png call the losses, and what the training accuracy measures.
+LOSS_NAMES = ("loss", "cls", "probe")
+TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's logit"
 
 
 # =============================================================================================
@@ -150,8 +179,8 @@ DEFAULT_POSITIONS = {
 #   * labels reach the module through `cifs_labels(model, y)` instead of a forward argument,
 #     because `Network` calls inserted modules as `module(feature)`;
 #   * the mask is computed in fp32 (relevant only under autocast) and cast back to z's dtype;
-#   * softmax scale defaults to 1 (final release, WRN-28-10 code); the paper-era ResNet-18 code
-#     uses 2 * softmax: pass softmax_scale=2 to reproduce it.
+#   * the softmax scale is a setting: 2 by default for the ResNets behind the published tables, 1 for
+#     WRN-28-10 (see SOFTMAX_SCALE); the final release's .py comments the factor 2 out.
 
 PROBES = ("linear", "mlp")
 MASK_FUNCTIONS = ("softmax", "sigmoid", "softplus")
@@ -315,27 +344,56 @@ def resolve(args: Args) -> Args:
         resolved.attack_step_size = defaults["step"] * resolved.epsilon
     if resolved.hidden is None:
         resolved.hidden = 240 if resolved.model == "wrn28_10" else 128
-    if resolved.positions is None:
-        resolved.positions, probes = DEFAULT_POSITIONS.get(resolved.model, (None, None))
+    if resolved.softmax_scale is None:
+        resolved.softmax_scale = SOFTMAX_SCALE.get(resolved.model, 1.0)
+    if resolved.no_cifs:
+        resolved.positions, resolved.probes = resolved.positions or "", resolved.probes or ""
+    elif resolved.positions is None:
+        resolved.positions, probes = DEFAULT_POSITIONS[resolved.model]
         resolved.probes = resolved.probes or probes
+    elif resolved.probes is None:  # the last position gets the linear probe, the others the MLP
+        resolved.probes = ",".join(["mlp"] * resolved.positions.count(",") + ["linear"])
+    if resolved.random_start is None:
+        resolved.random_start = True
     return resolved
 
 
+def check_method_args(args: Args) -> None:
+    """CIFS's own settings (called by check_args, before any work)."""
+    num_classes = dataset_info(args.dataset).num_classes
+    if args.beta < 0 or args.softmax_scale <= 0 or args.hidden < 1:
+        raise ValueError(f"--beta {args.beta} must not be negative, --softmax-scale {args.softmax_scale} must be "
+                         f"positive and --hidden {args.hidden} at least 1")
+    if not 1 <= args.top_k <= num_classes:
+        raise ValueError(f"--top-k {args.top_k} must be between 1 and the {num_classes} classes of {args.dataset}")
+    if args.no_cifs:
+        if args.positions or args.probes:
+            raise ValueError("--positions / --probes have no effect with --no-cifs: drop them")
+        return
+    positions, probes = args.positions.split(","), args.probes.split(",")
+    if len(probes) != len(positions) or any(p not in PROBES for p in probes):
+        raise ValueError(f"--probes {args.probes!r} must give one of {', '.join(PROBES)} for each of the "
+                         f"{len(positions)} position(s) {args.positions!r}")
+
+
 def build_network(args: Args) -> Network:
-    """The backbone with a CIFS module at each position. Other backbones default to their last two
-    units (MLP probe, then linear probe), mirroring the ResNet-18 layout."""
+    """The backbone with a CIFS module at each position, in forward order, each with its probe."""
     net = build_model(args.model, dataset_info(args.dataset).num_classes, input_shape(args))
     if args.no_cifs:
         return net
-    positions = (args.positions or ",".join(net.unit_names[-2:])).split(",")
-    probes = args.probes.split(",") if args.probes else ["mlp"] * (len(positions) - 1) + ["linear"]
-    if len(probes) != len(positions):
-        raise ValueError(f"--probes gives {len(probes)} probe types for {len(positions)} positions")
-    for position, probe in zip(positions, probes):
-        channels = net.feature_shapes[net.canonical(position)][0]
-        net.insert(position, CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn,
-                                  args.softmax_scale, args.top_k))
+    for position, probe in zip(args.positions.split(","), args.probes.split(",")):
+        try:
+            channels = net.feature_shapes[net.canonical(position)][0]
+            net.insert(position, CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn,
+                                      args.softmax_scale, args.top_k))
+        except ValueError as error:  # unknown or repeated position, unknown probe
+            raise ValueError(f"--positions {args.positions!r} / --probes {args.probes!r}: {error}") from None
     return net
+
+
+def official_state_dict(state: dict, args: Args) -> tuple[dict, list]:
+    """Placeholder until the official-checkpoint mapping lands."""
+    raise CheckpointError("not a checkpoint written by cifs.py")
 
 
 # =============================================================================================
@@ -414,8 +472,11 @@ def classification_loss(strategy, logits, y, logits_clean, args):
 
 
 def fat_tau(epoch, epochs):
-    """FAT's tau schedule 0 -> 1 -> 2, switching at 50 % and 75 % of training (SPEC.md §5)."""
-    return 0 if epoch < 0.5 * epochs else 1 if epoch < 0.75 * epochs else 2
+    """FAT's tau schedule, as `adjust_tau` of the FAT code (Zhang et al. 2020), which is called with the
+    1-indexed epoch of a 120-epoch run: tau = 0 while epoch <= 50, 1 while epoch <= 90, 2 after. Other
+    run lengths scale 50 and 90 by epochs / 120. `epoch` is 0-indexed here."""
+    one_indexed, scale = epoch + 1, epochs / 120
+    return 0 if one_indexed <= 50 * scale else 1 if one_indexed <= 90 * scale else 2
 
 
 def craft_adversarial(model, x, y, args, epoch, attack_loss):
@@ -436,7 +497,7 @@ def craft_adversarial(model, x, y, args, epoch, attack_loss):
         return attacks.pgd(model, x, y, eps, step, steps, loss_fn=attack_loss, random_start_kind=start("normal"))
     if args.strategy == "fat":  # early-stopped PGD-K-tau
         return attacks.fat_attack(model, x, y, eps, step, steps, tau=fat_tau(epoch, args.epochs), loss=attack_loss,
-                                  random_start_kind=start("uniform"))
+                                  random_start_kind=start("uniform"), omega=args.fat_omega)
     raise ValueError(f"unknown strategy {args.strategy!r}")
 
 
@@ -519,7 +580,8 @@ def training_step(model, x, y, args, epoch, autocast, update=None):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, truncated, or written by another method."""
+    """A checkpoint that cannot be used: unreadable, truncated, written by another method or by
+    another version of the code, or with weights that do not fit the network."""
 
 
 def input_shape(args: Args) -> tuple[int, int, int]:
@@ -529,29 +591,128 @@ def input_shape(args: Args) -> tuple[int, int, int]:
     return dataset_info(args.dataset).shape
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: weight_decay -> --weight-decay."""
+    return "--" + name.replace("_", "-")
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, without the usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
 def parse_args(argv=None) -> Args:
-    """argparse from the Args dataclass: kebab-case flags, one help line each."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """argparse from the Args dataclass: kebab-case flags, one help line each. A default is shown
+    only where it is a value (a default that depends on the dataset is described in the help)."""
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Args):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        meta = f.metadata
+        shown = "" if f.default in (None, False) else f" (default: {f.default})"
         if f.default is False:
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+            parser.add_argument(flag(f.name), action="store_true", help=meta["help"])
         elif meta["type"] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
         else:
-            kind = meta["type"] or type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"])
+            parser.add_argument(flag(f.name), type=meta["type"] or type(f.default), default=f.default,
+                                choices=meta["choices"], help=meta["help"] + shown)
     return Args(**vars(parser.parse_args(argv)))
 
 
+def int_list(name: str, text: str, length: int | None = None, increasing: bool = False) -> list[int]:
+    """A comma-separated list of positive integers, or a one-line error that names the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (length and len(values) != length) or \
+            (increasing and values != sorted(set(values))):
+        what = f"{length} positive integers" if length else "positive integers"
+        raise ValueError(f"{flag(name)} {text!r} is malformed: give {what} separated by commas"
+                         + (", in increasing order" if increasing else "") + ", e.g. "
+                         + ("3,32,32" if length == 3 else "75,90"))
+    return values
+
+
 def check_args(args: Args) -> None:
-    """Refuse settings that would silently train something else."""
+    """Refuse, before any work, every setting that would fail later or silently train something
+    else, in one line that names the flag and the fix. `args` are resolved (no None left)."""
+    adversarial = args.strategy != "natural"
+    at_least_one = {"epochs": args.epochs, "eval_every": args.eval_every, "eval_steps": args.eval_steps,
+                    "batch_size": args.batch_size, "benchmark_steps": args.benchmark_steps}
+    if adversarial:
+        at_least_one["attack_steps"] = args.attack_steps
+    for name, value in at_least_one.items():
+        if value < 1:
+            raise ValueError(f"{flag(name)} {value} must be at least 1")
     if not 0 < args.epsilon <= 1:
         raise ValueError(f"--epsilon {args.epsilon} is not in (0, 1]: budgets are in image units "
                          f"(pass 8/255 = {8 / 255:.5f}, not 8)")
-    if args.eval_every < 1 or args.epochs < 1:
-        raise ValueError("--epochs and --eval-every must be at least 1")
+    if adversarial and args.attack_step_size <= 0:
+        raise ValueError(f"--attack-step-size {args.attack_step_size} must be positive (e.g. eps/4)")
+    if args.lr <= 0:
+        raise ValueError(f"--lr {args.lr} must be positive")
+    for name in ("weight_decay", "momentum", "trades_beta", "mart_beta", "fat_omega", "log_interval"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{flag(name)} {getattr(args, name)} must not be negative")
+    if args.strategy in ("trades", "mart") and args.random_start is False:
+        raise ValueError(f"--no-random-start with --strategy {args.strategy}: its attack starts from "
+                         "x + 0.001 N; from x itself TRADES cannot move (its KL gradient is zero there) and the run "
+                         "would be natural training under another name. Drop --no-random-start")
+    int_list("milestones", args.milestones, increasing=True)
+    if args.dataset != "synthetic":
+        for name in ("synthetic_shape", "synthetic_size"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{flag(name)} applies only to --dataset synthetic")
+    elif args.synthetic_shape:
+        int_list("synthetic_shape", args.synthetic_shape, length=3)
+    if args.synthetic_size is not None and args.synthetic_size < 20:
+        raise ValueError(f"--synthetic-size {args.synthetic_size} is too small: give at least 20 images")
+    available = training_images(args)
+    if args.train_size is not None and not 10 <= args.train_size <= available:
+        raise ValueError(f"--train-size {args.train_size} must be between 10 and the {available} training "
+                         f"images of {args.dataset}")
+    kept = min(args.train_size or available, available)
+    if not 0 <= args.val_size < kept:
+        raise ValueError(f"--val-size {args.val_size} must be at least 0 and below the {kept} training images "
+                         f"(0: train on all of them, as both papers)")
+    if args.monitor_size < 0:
+        raise ValueError(f"--monitor-size {args.monitor_size} must not be negative (0: no monitoring)")
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
+    check_device(args.device)
+    check_method_args(args)
+
+
+def training_images(args: Args) -> int:
+    """Images in the dataset's training split (synthetic: --synthetic-size or 5,000)."""
+    if args.dataset == "synthetic":
+        return args.synthetic_size or 5000
+    return dataset_info(args.dataset).train_size
+
+
+def check_device(name: str | None) -> None:
+    """--device must name a device this machine has."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_writable(run_dir: str) -> None:
+    """The run folder (or the nearest folder above it that exists) must be a writable folder."""
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--runs-dir: cannot write {run_dir} ({existing} is not a writable folder)")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -568,10 +729,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def learning_rate(args: Args, epoch: int) -> float:
-    """Step schedule: 10x lower from each milestone on. Milestones are 1-indexed epochs, as in the
-    official FSR code (`if epoch >= 75: lr *= 0.1`); 0-indexed `epoch` e is epoch e + 1."""
-    milestones = [int(m) for m in args.milestones.split(",") if m]
-    return args.lr * 0.1 ** sum(epoch + 1 >= m for m in milestones)
+    """Step schedule, 10x lower after each milestone, as torch.optim.lr_scheduler.MultiStepLR
+    stepped once per epoch: a milestone m is the number of epochs run at the higher rate, so
+    0-indexed `epoch` runs at lr * 0.1 ** (number of milestones <= epoch)."""
+    return args.lr * 0.1 ** sum(epoch >= m for m in int_list("milestones", args.milestones))
 
 
 def default_run_name(args: Args) -> str:
@@ -586,6 +747,13 @@ def save_checkpoint(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str, method: str = METHOD) -> dict:
     """Load a checkpoint of this method, or explain precisely why not."""
     if not os.path.isfile(path):
@@ -593,7 +761,8 @@ def load_checkpoint(path: str, method: str = METHOD) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): {error}") from error
+        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): "
+                              f"{str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or "method" not in checkpoint or "args" not in checkpoint:
         raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
     if checkpoint["method"] != method:
@@ -602,18 +771,80 @@ def load_checkpoint(path: str, method: str = METHOD) -> dict:
     return checkpoint
 
 
+def args_from_checkpoint(saved: dict, path: str) -> Args:
+    """The Args a checkpoint was written with; a checkpoint of another version of the code (settings
+    this version does not know, or lacks) is refused in one line that names them."""
+    known = {f.name for f in dataclasses.fields(Args)}
+    unknown, missing = sorted(set(saved) - known), sorted(known - set(saved))
+    if unknown or missing:
+        raise CheckpointError(f"{path!r} was written by another version of {METHOD}.py: "
+                              + "; ".join(part for part in (
+                                  f"settings unknown here: {', '.join(unknown)}" if unknown else "",
+                                  f"settings it lacks: {', '.join(missing)}" if missing else "") if part))
+    return Args(**saved)
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """model.load_state_dict(state), or one line that says which keys differ."""
+    ours = model.state_dict()
+    missing = [key for key in ours if key not in state]
+    unknown = [key for key in state if key not in ours]
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(ours[key].shape)}" for key in ours
+              if key in state and state[key].shape != ours[key].shape]
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    problems = [f"{what}: {some(keys)}" for what, keys in (("missing", missing), ("unexpected", unknown),
+                                                           ("other shape", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"the weights of {source} do not fit this network ({args_summary(model)}): "
+                              + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def args_summary(model: nn.Module) -> str:
+    modules = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("FSR", "CIFS")})
+    return f"{type(model).__name__} with {', '.join(modules) or 'no inserted module'}"
+
+
+# Settings that may change when a run is resumed: they change neither the network nor the recipe
+# of the epochs already run (a longer --epochs extends the run; FAT's tau schedule scales with it).
+RESUMABLE = ("epochs", "device", "log_interval", "eval_every", "data_root", "compile", "channels_last",
+             "deterministic")
+
+
+def resumed_settings(args: Args, checkpoint: dict, log) -> Args:
+    """The run's own settings, with the resumable flags the user changed applied and announced;
+    any other changed flag is refused. A flag counts as given when it differs from its default."""
+    saved = args_from_checkpoint(checkpoint["args"], args.resume)
+    defaults = Args()
+    changed = [f.name for f in dataclasses.fields(Args) if f.name != "resume"
+               and getattr(args, f.name) != getattr(defaults, f.name)
+               and getattr(args, f.name) != getattr(saved, f.name)]
+    refused = [name for name in changed if name not in RESUMABLE]
+    if refused:
+        raise ValueError(f"{', '.join(flag(name) for name in refused)}: a resumed run keeps the settings it was "
+                         f"started with (only {', '.join(flag(name) for name in RESUMABLE)} may change); "
+                         f"start a new run (--init-from {args.resume} for its weights) to change them")
+    if "epochs" in changed and args.epochs < checkpoint["epoch"]:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {checkpoint['epoch']} epochs")
+    for name in changed:
+        log(f"resume: {flag(name)} {getattr(saved, name)} -> {getattr(args, name)}")
+    return dataclasses.replace(saved, resume=args.resume, **{name: getattr(args, name) for name in changed})
+
+
 def device_settings(args: Args):
-    """(device, amp, autocast factory, memory format): bf16 autocast and channels_last default
-    to on with CUDA, off on the CPU."""
+    """(device, amp, autocast factory, memory format). fp32 unless --amp (both official codes train
+    in fp32; bf16 is opt-in until a measurement shows it changes no reported number); channels_last
+    on CUDA (the same arithmetic in another memory layout)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     on_cuda = device.type == "cuda"
-    amp = on_cuda if args.amp is None else args.amp
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-    return device, amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    return device, args.amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
 
 
 def init_distributed(args: Args) -> tuple[int, int]:
@@ -714,10 +945,10 @@ def _count_correct(model, x, y):
     return (model(x)[0].argmax(1) == y).sum()
 
 
-def evaluate(model, loader, args) -> tuple[float, float]:
-    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol,
-    SPEC.md §6) in fp32 on the held-out images; under torchrun each process takes its share and
-    the counts are summed, which gives the single-process figures."""
+def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
+    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol)
+    in fp32; under torchrun each process takes its share and the counts are summed, which gives
+    the single-process figures."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
     for x, y in loader.epoch(0):
@@ -753,118 +984,286 @@ def in_process_group(body, args: Args, log):
             dist.destroy_process_group()
 
 
+MONITOR_SEED = 0  # the monitored test images are the same for every run (comparable curves)
+
+
+def load_splits(args: Args, log):
+    """(train, held-out validation or None, monitored test images or None) as uint8 splits:
+    --train-size keeps a seeded class-balanced subset of the training split; --val-size holds out
+    images of it for best.pt; --monitor-size takes a fixed class-balanced subset of the test split."""
+    shape = input_shape(args)
+    log(f"loading {args.dataset} from {args.data_root} ...")
+    train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
+                               synthetic_size=args.synthetic_size, seed=args.seed)
+    if args.train_size is not None:
+        train_split = subset(train_split, balanced_subset(train_split.labels, args.train_size,
+                                                          train_split.num_classes, args.seed))
+    train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
+    monitor_split = None
+    if args.monitor_size:
+        test_split = load_dataset(args.dataset, args.data_root, train=False, synthetic_shape=shape, seed=args.seed)
+        monitor_split = subset(test_split, balanced_subset(test_split.labels, args.monitor_size,
+                                                           test_split.num_classes, MONITOR_SEED))
+    return train_split, val_split, monitor_split
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str, args: Args, resumed: bool, history: list, log):
+    """The run folder for the run's life: created, locked against a second run (a lock left by a
+    killed run is taken over, saying so), cleared of the temporary files of interrupted saves,
+    with args.json and a metrics.jsonl that holds exactly the epochs of the checkpoint resumed."""
+    if not resumed and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.path.join(run_dir, "run.lock")
+    take_lock(lock, log)
+    try:
+        for name in os.listdir(run_dir):
+            if ".tmp" in name:  # an interrupted save (save_checkpoint, write_text_atomically)
+                os.remove(os.path.join(run_dir, name))
+                log(f"removed {name}, left by an interrupted save")
+        write_text_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
+        write_metrics(run_dir, history)
+        yield
+    finally:
+        os.remove(lock)
+
+
+def take_lock(path: str, log) -> None:
+    """Create the lock file holding this host and process id; if a live process holds it, refuse."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as file:
+                host, _, pid = file.read().strip().partition(" ")
+            if host != socket.gethostname() or process_alive(int(pid or 0)):
+                raise FileExistsError(f"{os.path.dirname(path)} is in use by process {pid} on {host}: wait for it, "
+                                      f"or pass another --run-name (if that process is gone, delete {path})")
+            log(f"note: taking over the lock of process {pid}, which is no longer running")
+            os.remove(path)
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(me)
+        return
+    raise FileExistsError(f"could not take the lock {path}")
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def write_metrics(run_dir: str, history: list) -> None:
+    """metrics.jsonl, one line per completed epoch, rewritten whole from the checkpoint's history
+    (atomically), so that a kill between the checkpoint and the log line loses nothing."""
+    write_text_atomically(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history))
+
+
 def run(args: Args, log, rank: int, world_size: int) -> dict:
     """train() in process `rank` of `world_size` (0 of 1 without torchrun)."""
-    resume_from = args.resume
-    if resume_from:  # the run's own settings; only the device may change
-        checkpoint = load_checkpoint(resume_from)
-        args = dataclasses.replace(Args(**checkpoint["args"]), resume=resume_from, device=args.device)
-    else:
-        args = resolve(args)
-        checkpoint = None
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    args = resumed_settings(args, checkpoint, log) if checkpoint else resolve(args)
     check_args(args)
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else \
+        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
+    check_writable(run_dir)
+    if checkpoint and checkpoint["epoch"] >= args.epochs:
+        log(f"{args.resume} has already run all {args.epochs} epochs: nothing to do (pass a larger --epochs to extend it)")
+        return checkpoint["metrics"]
+    initial = initial_weights(args.init_from, args, log) if args.init_from else None
     device, amp, autocast, memory_format = device_settings(args)
     model, network, update = build_for_training(args, device, memory_format, rank, world_size)
+    if initial is not None:  # weights only: optimiser, schedule and epoch start afresh
+        load_weights(model, initial, args.init_from)
 
     # Data: the training split on the device as uint8, augmented there (models.DeviceLoader); under
     # torchrun every process holds the split and takes its share of each global batch.
-    info = dataset_info(args.dataset)
-    shape = input_shape(args)
-    train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
-                               synthetic_size=args.synthetic_size, seed=args.seed)
-    train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
+    train_split, val_split, monitor_split = load_splits(args, log)
     train_loader = DeviceLoader(train_split, args.batch_size, device, shuffle=True, augment=args.augment,
-                                padding=info.padding or 4,  # 4 when crop_flip is forced on a dataset without it
+                                padding=dataset_info(args.dataset).padding or 4,  # crop_flip forced on any dataset
                                 seed=args.seed, channels_last=memory_format == torch.channels_last,
                                 rank=rank, world_size=world_size)
-    val_loader = DeviceLoader(shard(val_split, rank, world_size), 500, device, shuffle=False) \
-        if val_split is not None else None
-
-    # The run folder only now: bad positions or a missing dataset leave nothing behind.
-    run_dir = os.path.dirname(os.path.abspath(resume_from)) if resume_from else \
-        os.path.join(args.runs_dir, args.run_name or default_run_name(args))
-    if not resume_from and os.path.exists(os.path.join(run_dir, "last.pt")):
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
-                              f"or another --run-name")
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as file:
-            json.dump(dataclasses.asdict(args), file, indent=2)
+    held_out = {name: DeviceLoader(shard(split, rank, world_size), 500, device, shuffle=False)
+                for name, split in (("val", val_split), ("monitor", monitor_split)) if split is not None}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch, best_robust = 0, -1.0
+    start_epoch, best_robust, history = 0, -1.0, []
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        load_weights(model, checkpoint["model"], args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, best_robust = checkpoint["epoch"], checkpoint["best_robust"]
-        if len(checkpoint["rng"]) == world_size:  # each process continues its own random stream
-            rng_cpu, rng_cuda = checkpoint["rng"][rank]
-            torch.set_rng_state(rng_cpu)
-            if device.type == "cuda" and rng_cuda is not None:
-                torch.cuda.set_rng_state(rng_cuda, device)
-        else:  # another process count: fresh, seeded streams (valid, but not bitwise an uninterrupted run)
-            torch.manual_seed(args.seed + 1_000_003 * rank + start_epoch)
-            log(f"note: {resume_from} was written by {len(checkpoint['rng'])} process(es), this run has "
-                f"{world_size}: the attack noise is re-seeded")
-        log(f"resumed {resume_from} at epoch {start_epoch}")
-    elif args.init_from:  # weights only: optimiser, schedule and epoch start afresh
-        try:
-            model.load_state_dict(load_checkpoint(args.init_from)["model"])
-        except RuntimeError as error:  # another backbone, positions or probes
-            raise CheckpointError(f"--init-from {args.init_from!r} does not fit this network: {error}") from error
-        log(f"initialised the weights from {args.init_from}")
+        start_epoch, best_robust, history = checkpoint["epoch"], checkpoint["best_robust"], checkpoint["history"]
+        restore_rng(checkpoint["rng"], rank, world_size, device, args, start_epoch, log)
 
-    log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} train / {len(val_split) if val_split else 0} val), "
-        f"strategy {args.strategy}, {count_parameters(model) / 1e6:.2f} M params, device {device}, "
-        f"{'bf16 autocast' if amp else 'fp32'}, run {run_dir}"
-        + (f", {world_size} processes x {args.batch_size // world_size} images{' (SyncBatchNorm)' if args.sync_bn else ''}"
-           if world_size > 1 else ""))
-    metrics, epoch_times = {}, []
-    for epoch in range(start_epoch, args.epochs):
-        lr = learning_rate(args, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = last_print = time.time()
-        sums, correct, seen = {}, 0, 0
-        for step, (x, y) in enumerate(train_loader.epoch(epoch)):
-            loss, parts, logits = update_parameters(model, network, update, optimizer, x, y, args, epoch, autocast)
-            for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
-                sums[name] = sums.get(name, 0) + value.detach() * len(y)
-            correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
-            if time.time() - last_print > args.log_interval:
-                last_print = time.time()
-                log(f"  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {float(sums['loss']) / seen:.4f} "
-                    f"{world_size * seen / (last_print - started):.0f} img/s")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.time() - started
-        epoch_times.append(seconds)
-        # Sums over the processes (each saw its share of every batch): the single-process figures.
-        totals = all_reduce_sum(torch.stack([*(sums[name].float() for name in sums), correct.float(),
-                                             torch.tensor(float(seen), device=device)])).tolist()
-        seen = totals[-1]
-        metrics = {"epoch": epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(sums, totals)},
-                   "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
-        if val_loader and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            metrics["val_clean"], metrics["val_robust"] = evaluate(model, val_loader, args)
-        state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "best_robust": best_robust, "metrics": metrics,
-                 "rng": rng_states(device)}  # a collective under torchrun: every process calls it
-        if metrics.get("val_robust", -1.0) > best_robust:
-            best_robust = state["best_robust"] = metrics["val_robust"]
+    with run_folder(run_dir, args, checkpoint is not None, history, log) if rank == 0 else contextlib.nullcontext():
+        if checkpoint:
+            log(f"resumed {args.resume} at epoch {start_epoch}")
+        elif args.init_from:
+            log(f"initialised the weights from {args.init_from}")
+        log(f"{METHOD}: {args.model} on {args.dataset} ({len(train_split)} training images"
+            f"{f', {len(val_split)} held out for best.pt' if val_split else ''}"
+            f"{f', {len(monitor_split)} test images monitored' if monitor_split else ''}), strategy {args.strategy}, "
+            f"{count_parameters(model) / 1e6:.2f} M params, device {device}, {'bf16 autocast' if amp else 'fp32'}, "
+            f"run {run_dir}"
+            + (f", {world_size} processes x {args.batch_size // world_size} images"
+               f"{' (SyncBatchNorm)' if args.sync_bn else ''}" if world_size > 1 else ""))
+        metrics = history[-1] if history else {}
+        for epoch in range(start_epoch, args.epochs):
+            metrics = train_epoch(model, network, update, optimizer, train_loader, args, epoch, autocast, log,
+                                  world_size, history)
+            evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+            if evaluating:
+                for name, loader in held_out.items():
+                    metrics[f"{name}_clean"], metrics[f"{name}_robust"] = clean_and_robust_accuracy(model, loader, args)
+            history.append(metrics)
+            state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "best_robust": best_robust, "metrics": metrics,
+                     "history": history, "rng": rng_states(device)}  # a collective under torchrun
+            if metrics.get("val_robust", -1.0) > best_robust:  # only with --val-size: never on the test set
+                best_robust = state["best_robust"] = metrics["val_robust"]
+                if rank == 0:
+                    save_checkpoint(state, os.path.join(run_dir, "best.pt"))
             if rank == 0:
-                save_checkpoint(state, os.path.join(run_dir, "best.pt"))
-        if rank == 0:
-            save_checkpoint(state, os.path.join(run_dir, "last.pt"))
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
-                file.write(json.dumps(metrics) + "\n")
-        eta = (args.epochs - epoch - 1) * sum(epoch_times) / len(epoch_times)
-        losses = " ".join(f"{name} {metrics[name]:.4f}" for name in sums)
-        val = f" | val clean {metrics['val_clean']:.2%} pgd{args.eval_steps} {metrics['val_robust']:.2%}" \
-            if "val_robust" in metrics else ""
-        log(f"epoch {epoch + 1}/{args.epochs} | lr {lr:.4g} | {losses} | train acc {metrics['train_accuracy']:.2%}{val} "
-            f"| {metrics['images_per_second']:.0f} img/s | {seconds:.1f} s | ETA {format_seconds(eta)}")
+                save_checkpoint(state, os.path.join(run_dir, "last.pt"))
+                write_metrics(run_dir, history)
+                if evaluating:  # every --eval-every epochs and at the end
+                    draw_curves(run_dir, log)
+            log(epoch_summary(metrics, args, history))
     return metrics
+
+
+def initial_weights(path: str, args: Args, log) -> dict:
+    """The weights of --init-from: a checkpoint of this method (any settings: the network must fit),
+    or a state dict saved by the official code of this method (mapped by official_state_dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from {path!r} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"--init-from {path!r} is unreadable (truncated or not a checkpoint): "
+                              f"{str(error).splitlines()[0]}") from None
+    if isinstance(raw, dict) and "method" in raw and "args" in raw:
+        return load_checkpoint(path)["model"]
+    state, notes = official_state_dict(raw, args)
+    for note in notes:
+        log(f"--init-from: {note}")
+    return state
+
+
+def restore_rng(saved: list, rank: int, world_size: int, device, args: Args, start_epoch: int, log) -> None:
+    """Each process continues its own random stream; with another process count, fresh seeded
+    streams (valid, but not bitwise an uninterrupted run), said."""
+    if len(saved) == world_size:
+        rng_cpu, rng_cuda = saved[rank]
+        torch.set_rng_state(rng_cpu)
+        if device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, device)
+        return
+    torch.manual_seed(args.seed + 1_000_003 * rank + start_epoch)
+    log(f"note: {args.resume} was written by {len(saved)} process(es), this run has {world_size}: "
+        f"the attack noise is re-seeded")
+
+
+def train_epoch(model, network, update, optimizer, loader, args, epoch, autocast, log, world_size, history) -> dict:
+    """One epoch of updates at the epoch's learning rate; progress lines with the epoch's and the
+    run's ETA from the first seconds on; returns the epoch's metrics (global-batch figures)."""
+    lr = learning_rate(args, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = next(model.parameters()).device
+    started = time.time()
+    next_print = started + min(5.0, args.log_interval)
+    sums, correct, seen = {}, 0, 0
+    for step, (x, y) in enumerate(loader.epoch(epoch)):
+        loss, parts, logits = update_parameters(model, network, update, optimizer, x, y, args, epoch, autocast)
+        for name, value in {"loss": loss, **parts}.items():  # device tensors: no sync per step
+            sums[name] = sums.get(name, 0) + value.detach() * len(y)
+        correct, seen = correct + (logits.argmax(1) == y).sum(), seen + len(y)
+        now = time.time()
+        if now >= next_print and step + 1 < len(loader):
+            next_print = now + args.log_interval
+            per_step = (now - started) / (step + 1)
+            epoch_left = per_step * (len(loader) - step - 1)
+            run_left = epoch_left + (args.epochs - epoch - 1) * per_step * len(loader)
+            log(f"  epoch {epoch + 1}/{args.epochs} step {step + 1}/{len(loader)} | loss {float(sums['loss']) / seen:.4f} "
+                f"| {world_size * seen / (now - started):.0f} img/s | epoch ETA {format_seconds(epoch_left)} "
+                f"| run ETA {format_seconds(run_left)}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.time() - started
+    # Sums over the processes (each saw its share of every batch): the single-process figures.
+    totals = all_reduce_sum(torch.stack([*(sums[name].float() for name in sums), correct.float(),
+                                         torch.tensor(float(seen), device=device)])).tolist()
+    seen = totals[-1]
+    return {"epoch": epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(sums, totals)},
+            "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+
+
+def epoch_summary(metrics: dict, args: Args, history: list) -> str:
+    """The console line of an epoch: losses, accuracies (each labelled for what it measures), ETA."""
+    seconds = [m["epoch_seconds"] for m in history]
+    eta = (args.epochs - metrics["epoch"]) * sum(seconds) / len(seconds)
+    losses = " ".join(f"{name} {metrics[name]:.4f}" for name in metrics if name in LOSS_NAMES)
+    held_out = "".join(f" | {label} clean {metrics[f'{name}_clean']:.2%} pgd{args.eval_steps} (step eps/10) "
+                       f"{metrics[f'{name}_robust']:.2%}"
+                       for name, label in (("val", "held-out"), ("monitor", "test (monitoring only)"))
+                       if f"{name}_robust" in metrics)
+    return (f"epoch {metrics['epoch']}/{args.epochs} | lr {metrics['lr']:.4g} | {losses} | "
+            f"train acc {metrics['train_accuracy']:.2%} ({TRAIN_ACCURACY_NOTE}){held_out} | "
+            f"{metrics['images_per_second']:.0f} img/s | {metrics['epoch_seconds']:.1f} s | ETA {format_seconds(eta)}")
+
+
+def draw_curves(run_dir: str, log) -> None:
+    """curves.png of the run; a drawing failure is reported, never fatal to the run."""
+    try:
+        plot_training_curves([run_dir], os.path.join(run_dir, "curves.png"))
+    except Exception as error:  # noqa: BLE001 (a plot must not end a training run)
+        log(f"note: curves.png not drawn: {error}")
+
+
+def plot_training_curves(run_dirs: list, path: str) -> bool:
+    """A PNG of each run's metrics.jsonl against epochs: losses, training accuracy, and the
+    held-out / monitored clean and PGD accuracy; several runs are overlaid (one colour each).
+    Returns False, drawing nothing, when matplotlib is not installed (it is never required)."""
+    try:
+        from matplotlib.figure import Figure  # the object-oriented API: no pyplot state, no display
+    except ImportError:
+        return False
+    figure = Figure(figsize=(15, 4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for index, run_dir in enumerate(run_dirs):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+            lines = [json.loads(line) for line in file if line.strip()]
+        colour, label = f"C{index}", os.path.basename(os.path.normpath(run_dir))
+        epochs = [m["epoch"] for m in lines]
+        for style, name in zip(("-", "--", ":", "-."), [n for n in lines[-1] if n in LOSS_NAMES] if lines else []):
+            axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
+        axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
+        for marker, name in (("o", "monitor"), ("s", "val")):
+            for style, kind in (("-", "clean"), ("--", "robust")):
+                points = [(m["epoch"], 100 * m[f"{name}_{kind}"]) for m in lines if f"{name}_{kind}" in m]
+                if points:
+                    axes[2].plot(*zip(*points), style, marker=marker, color=colour, label=f"{label}: {name} {kind}")
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="losses")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="training accuracy")
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (solid) and PGD (dashed) accuracy")
+    figure.suptitle(f"training accuracy: {TRAIN_ACCURACY_NOTE}. monitor: fixed test images, monitoring only; "
+                    f"val: held-out training images (best.pt)", fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="x-small")
+    figure.savefig(path, dpi=90)
+    return True
 
 
 def forward_equivalents(args: Args) -> int:
@@ -885,7 +1284,7 @@ def time_training_steps(args: Args, log, rank: int, world_size: int) -> dict:
     args = resolve(args)
     check_args(args)
     if args.batch_size % world_size:
-        raise ValueError(f"the global batch {args.batch_size} must split evenly over {world_size} processes")
+        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {world_size} processes")
     device, amp, autocast, memory_format = device_settings(args)
     shape, info = input_shape(args), dataset_info(args.dataset)
     model, network, update = build_for_training(args, device, memory_format, rank, world_size)
@@ -902,11 +1301,13 @@ def time_training_steps(args: Args, log, rank: int, world_size: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(3):  # warm-up: cuDNN autotuning, compilation
+    log(f"warming up: 3 steps (cuDNN autotuning{', compilation' if args.compile else ''}) ...")
+    for _ in range(3):
         step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    log(f"timing {args.benchmark_steps} steps ...")
     started = time.time()
     for _ in range(args.benchmark_steps):
         step()
@@ -936,7 +1337,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         benchmark(args) if args.benchmark else train(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
         sys.exit(f"error: {error}")
 
 

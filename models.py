@@ -767,6 +767,25 @@ def load_dataset(name: str, root: str = "data", train: bool = True, download: bo
     return _load_torchvision(name, root, train, download)
 
 
+def balanced_subset(labels: torch.Tensor, n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """n indices, n // K per class (the first n % K classes one more), chosen by `seed`, sorted.
+    A class with fewer members gives all it has. n >= len(labels): every index."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        take = n // num_classes + (c < n % num_classes)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def subset(split: ImageSplit, indices: torch.Tensor) -> ImageSplit:
+    """The images and labels of `split` at `indices`, in that order."""
+    return ImageSplit(split.images[indices], split.labels[indices], split.num_classes)
+
+
 def split_validation(split: ImageSplit, n_val: int = 1000, seed: int = 0) -> tuple[ImageSplit, ImageSplit | None]:
     """Hold out a seeded random n_val examples: returns (train_rest, val), disjoint.
     Both keep the stored order. n_val=0 returns (split, None)."""
@@ -776,11 +795,7 @@ def split_validation(split: ImageSplit, n_val: int = 1000, seed: int = 0) -> tup
         raise ValueError(f"n_val must be in [0, {len(split)}), got {n_val}")
     perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-
-    def take(idx):
-        return ImageSplit(split.images[idx], split.labels[idx], split.num_classes)
-
-    return take(train_idx), take(val_idx)
+    return subset(split, train_idx), subset(split, val_idx)
 
 
 # ---------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class Args:
     seed: int = arg(0, "seed of weights, data and attack noise")
     # --- device and speed settings -----------------------------------------------------------
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
-    amp: bool = arg(None, "bf16 autocast on the fast path (default: the scripts' default, on with CUDA)", bool)
+    amp: bool = arg(False, "bf16 autocast on the fast path (opt-in, as in the scripts, whose default is fp32)")
     channels_last: bool = arg(None, "channels_last on the fast path (default: the scripts', on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the fast-path networks")
     threads: int = arg(None, "torch intra-op threads (default: torch's)", int)
@@ -507,7 +507,7 @@ def prepare_reference(args: Args) -> Prepared | str:
 
 
 def time_evaluation(variant: str, args: Args) -> dict:
-    """Seconds of the script's evaluate() (PGD-eval_steps, step eps/10, no random start, fp32, plus
+    """Seconds of the script's clean_and_robust_accuracy() (PGD-eval_steps, step eps/10, no random start, fp32, plus
     the clean and adversarial accuracy forwards) over eval_images images, extrapolated to 10,000."""
     script, overrides = script_of(variant)
     run_args = script.resolve(script_args(script, args, **overrides))
@@ -518,13 +518,13 @@ def time_evaluation(variant: str, args: Args) -> dict:
     split = make_synthetic(num_classes(args), shape, args.eval_images, args.seed, train=False)
     if args.warmup:  # one batch, one PGD step: cuDNN picks its fp32 kernels for this batch size
         first = ImageSplit(split.images[:args.eval_batch_size], split.labels[:args.eval_batch_size], split.num_classes)
-        script.evaluate(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
+        script.clean_and_robust_accuracy(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
                         dataclasses.replace(run_args, eval_steps=1))
     loader = DeviceLoader(split, args.eval_batch_size, device, shuffle=False)
     synchronize(device)
     reset_peak_memory(device)
     started = time.perf_counter()
-    script.evaluate(model, loader, run_args)
+    script.clean_and_robust_accuracy(model, loader, run_args)
     synchronize(device)
     seconds = time.perf_counter() - started
     forward_equivalents = 2 * args.eval_steps + 2  # attack: forward + input-only backward; 2 accuracy forwards
@@ -639,7 +639,7 @@ def accuracy_check(args: Args, log=print) -> dict:
     base = dict(dataset=args.acc_dataset, model=args.acc_model, epochs=args.acc_epochs, milestones=args.acc_milestones,
                 synthetic_size=args.acc_synthetic_size, synthetic_shape=args.acc_synthetic_shape,
                 val_size=args.acc_val_size, eval_steps=args.eval_steps, eval_every=10**9, data_root=args.data_root,
-                device=args.device, log_interval=1e9, **overrides)
+                device=args.device, log_interval=1e9, monitor_size=0, **overrides)
     runs = []
     with tempfile.TemporaryDirectory() as runs_dir:
         for seed in seeds:

@@ -18,7 +18,8 @@ import fsr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 TINY = ("--dataset", "synthetic", "--synthetic-shape", "3,16,16", "--synthetic-size", "160", "--val-size", "32",
-        "--batch-size", "32", "--attack-steps", "2", "--eval-every", "1", "--eval-steps", "2", "--device", "cpu")
+        "--batch-size", "32", "--attack-steps", "2", "--eval-every", "1", "--eval-steps", "2", "--device", "cpu",
+        "--monitor-size", "20")
 
 
 def torchrun(*command, processes=2):
@@ -32,9 +33,10 @@ def torchrun(*command, processes=2):
 
 
 def train_under_torchrun(method, out, runs, run_name, *flags, stop=0):
+    """A run named run_name under runs, or with run_name None, `--resume` in flags."""
     os.makedirs(out, exist_ok=True)
-    stdout = torchrun(WORKER, method, str(out), str(stop), "--", *TINY, "--runs-dir", str(runs),
-                      "--run-name", run_name, *flags)
+    where = ("--runs-dir", str(runs), "--run-name", run_name) if run_name else ()
+    stdout = torchrun(WORKER, method, str(out), str(stop), "--", *TINY, *where, *flags)
     return stdout, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
@@ -65,7 +67,7 @@ def test_identical_weights_and_a_checkpoint_from_rank_zero_only(fsr_two_processe
         "dataset": "synthetic", "synthetic_shape": "3,16,16"}))).named_parameters()]
     assert_same(rank0, rank1, parameters)  # DDP: every process took the same update
     run = root / "runs" / "a"
-    assert sorted(os.listdir(run)) == ["args.json", "best.pt", "last.pt", "metrics.jsonl"]  # no temp files
+    assert set(os.listdir(run)) - {"curves.png"} == {"args.json", "best.pt", "last.pt", "metrics.jsonl"}  # no temp files
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # written once per epoch: rank 0 alone
     assert stdout.count("epoch 2/2 |") == 1 and "2 processes x 16 images" in stdout
@@ -82,8 +84,7 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(fsr_two_processes, tm
     last = tmp_path / "runs" / "b" / "last.pt"
     saved = fsr.load_checkpoint(str(last))
     assert saved["epoch"] == 1 and not torch.equal(saved["model"]["conv1.0.weight"], uninterrupted["conv1.0.weight"])
-    stdout, (resumed, _) = train_under_torchrun("fsr", tmp_path / "resumed", tmp_path / "runs", "unused",
-                                                "--resume", str(last))
+    stdout, (resumed, _) = train_under_torchrun("fsr", tmp_path / "resumed", None, None, "--resume", str(last))
     assert "resumed" in stdout
     assert_same(resumed, uninterrupted, uninterrupted.keys())  # bitwise, buffers included
     assert_same(fsr.load_checkpoint(str(last))["model"], uninterrupted, uninterrupted.keys())
@@ -108,6 +109,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
     two = module.load_checkpoint(str(tmp_path / "runs" / "two" / "last.pt"))
     assert_same(single["model"], rank0, rank0.keys(), relative=1e-5)
     assert two["metrics"]["val_robust"] == one["val_robust"] and two["metrics"]["val_clean"] == one["val_clean"]
+    assert two["metrics"]["monitor_robust"] == one["monitor_robust"]  # the monitored test images, sharded
     assert two["metrics"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["metrics"]["train_accuracy"] == one["train_accuracy"]
 

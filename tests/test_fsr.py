@@ -40,7 +40,7 @@ def build(**kw):
 def tiny_args(tmp_path, **kw):
     """A training run that takes about a second (for checkpoint and CLI tests)."""
     settings = dict(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=300, val_size=100, device="cpu",
-                    strategy="natural", epochs=1, eval_every=1, eval_steps=1, log_interval=1e9,
+                    strategy="natural", epochs=1, eval_every=1, eval_steps=1, log_interval=1e9, monitor_size=0,
                     runs_dir=str(tmp_path), run_name="tiny")
     settings.update(kw)
     return fsr.Args(**settings)
@@ -402,19 +402,21 @@ def test_training_attack_is_the_strategy_attack_on_the_final_logits(strategy):
 @pytest.mark.parametrize("no_fsr", [False, True], ids=["fsr", "vanilla"])
 @pytest.mark.parametrize("strategy", ["natural", "at", "trades", "mart", "fat"])
 def test_short_run_learns_and_writes_its_files(tmp_path, strategy, no_fsr):
-    # Epochs 1-2 at lr 0.05, epoch 3 at 0.005, epoch 4 at 0.0005. In eval mode FSR's mask
+    # Epochs 1-2 at lr 0.05, epoch 3 at 0.005, epoch 4 at 0.0005 (milestones 2,3: MultiStepLR). In eval mode FSR's mask
     # sigmoid(r / 0.1) is a sharp threshold, so its accuracy needs BatchNorm running statistics
     # that match the final weights: the nearly frozen last epoch gives them (without it, eval-mode
     # accuracy of FSR runs swings between 0.2 and 1.0 from one epoch to the next).
     args = fsr.Args(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=800, val_size=100, device="cpu",
-                    strategy=strategy, no_fsr=no_fsr, epochs=4, lr=0.05, milestones="3,4", batch_size=32,
+                    strategy=strategy, no_fsr=no_fsr, epochs=4, lr=0.05, milestones="2,3", batch_size=32,
                     attack_steps=2, eval_every=4, eval_steps=2, log_interval=1e9, runs_dir=str(tmp_path),
-                    run_name="run")
+                    run_name="run", monitor_size=50)
     metrics = fsr.train(args, **QUIET)
     assert metrics["epoch"] == 4 and metrics["lr"] == pytest.approx(0.0005)
     assert metrics["val_clean"] > 0.5  # chance is 0.1; the runs reach about 0.97-1.0
+    assert 0 <= metrics["monitor_robust"] <= metrics["monitor_clean"] <= 1
     run = tmp_path / "run"
-    assert {"args.json", "metrics.jsonl", "last.pt", "best.pt"} <= set(os.listdir(run))
+    assert {"args.json", "metrics.jsonl", "last.pt", "best.pt"} <= set(os.listdir(run)) <= \
+        {"args.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"}
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
     saved = json.loads((run / "args.json").read_text())
@@ -454,8 +456,8 @@ def interrupt_after_epoch(n):
 def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     # AT + FSR draws random numbers in the attack (random start) and in the train-mode mask.
     settings = dict(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=250, val_size=50, device="cpu",
-                    strategy="at", attack_steps=1, epochs=3, milestones="3", eval_every=2, eval_steps=1,
-                    batch_size=50, log_interval=1e9, runs_dir=str(tmp_path))
+                    strategy="at", attack_steps=1, epochs=3, milestones="2", eval_every=2, eval_steps=1,
+                    batch_size=50, log_interval=1e9, runs_dir=str(tmp_path), monitor_size=20)
     fsr.train(fsr.Args(run_name="a", **settings), **QUIET)
     with pytest.raises(Interrupt):
         fsr.train(fsr.Args(run_name="b", **settings), log=interrupt_after_epoch(2))
@@ -508,8 +510,8 @@ def test_epsilon_in_pixel_units_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dataset", "cifar11"], "unknown dataset 'cifar11'"),
-    (["--dataset", "synthetic", "--model", "resnet99"], "unknown model 'resnet99'"),
+    (["--dataset", "cifar11"], "--dataset: invalid choice: 'cifar11'"),
+    (["--dataset", "synthetic", "--model", "resnet99"], "--model: invalid choice: 'resnet99'"),
 ])
 def test_unknown_dataset_or_model_is_refused(tmp_path, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -537,10 +539,9 @@ def test_kebab_case_flags_map_to_fields():
     assert (args.attack_step_size, args.synthetic_shape) == (0.01, "1,8,8")
 
 
-def test_amp_flag_is_tri_state():
-    assert fsr.parse_args([]).amp is None
+def test_fp32_by_default_and_amp_opt_in():
+    assert fsr.parse_args([]).amp is False and fsr.device_settings(fsr.resolve(fsr.Args(device="cpu")))[1] is False
     assert fsr.parse_args(["--amp"]).amp is True
-    assert fsr.parse_args(["--no-amp"]).amp is False
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -549,7 +550,8 @@ def test_no_flags_give_the_dataclass_defaults():
 
 def test_cifar10_defaults():
     args = fsr.resolve(fsr.parse_args([]))
-    assert (args.model, args.epochs, args.lr, args.weight_decay, args.milestones) == ("resnet18", 100, 0.1, 5e-4, "75,90")
+    assert (args.model, args.epochs, args.lr, args.weight_decay, args.milestones) == ("resnet18", 100, 0.1, 5e-4, "74,89")
+    assert (args.val_size, args.amp, args.random_start, args.positions) == (0, False, True, "layer4")
     assert (args.attack_steps, args.augment) == (10, "crop_flip")
     assert args.epsilon == pytest.approx(8 / 255) and args.attack_step_size == pytest.approx(2 / 255)
     assert list(fsr.build_network(args).inserted) == ["layer4_1"]  # after the last block
@@ -584,10 +586,22 @@ def test_eps_relative_step_follows_an_explicit_epsilon():
     assert fsr.resolve(fsr.parse_args(["--epsilon", "0.04"])).attack_step_size == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("epoch, lr", [(0, 0.1), (73, 0.1), (74, 0.01), (88, 0.01), (89, 0.001), (99, 0.001)])
-def test_learning_rate_milestones_are_one_indexed(epoch, lr):
-    # Official code: `if epoch >= 75: lr *= 0.1` with 1-indexed epochs; our epoch index e is epoch e + 1.
-    assert fsr.learning_rate(fsr.Args(lr=0.1, milestones="75,90"), epoch) == pytest.approx(lr)
+def official_fsr_learning_rate(epoch: int, lr: float = 0.1) -> float:
+    """The official train.py's adjust_learning_rate, called with the 1-indexed epoch (re-written here)."""
+    if epoch >= 90:
+        return lr * 0.01
+    if epoch >= 75:
+        return lr * 0.1
+    return lr
+
+
+def test_learning_rate_of_every_epoch_is_the_official_fsr_rule():
+    args = fsr.resolve(fsr.Args(dataset="cifar10"))
+    ours = [fsr.learning_rate(args, epoch) for epoch in range(args.epochs)]
+    # our 0-indexed epoch e is the official 1-indexed epoch e + 1
+    assert ours == pytest.approx([official_fsr_learning_rate(epoch + 1) for epoch in range(100)])
+    assert sum(lr == pytest.approx(0.1) for lr in ours) == 74  # FSR trains 74 epochs at 0.1
+    assert sum(lr == pytest.approx(0.01) for lr in ours) == 15
 
 
 # =============================================================================================
@@ -615,6 +629,8 @@ def test_help_lists_kebab_case_flags(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for flag in ("--no-fsr", "--lambda-sep", "--y-prime", "--no-separation", "--binary-mask", "--runs-dir",
-                 "--amp", "--no-amp", "--resume", "--benchmark"):
+                 "--amp", "--resume", "--benchmark", "--train-size", "--val-size", "--monitor-size"):
         assert flag in done.stdout
     assert "--no_fsr" not in done.stdout and "--lambda_sep" not in done.stdout
+    assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout
+    assert "resnet18,resnet10,resnet50,vgg16,wrn34_10,wrn28_10,smallcnn" in done.stdout  # the valid backbones

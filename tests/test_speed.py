@@ -307,7 +307,7 @@ def test_cli_flags_and_refusals():
         ("resnet18", 128, "at", 10, 20, 3)
     assert (args.num_workers, args.eval_images, args.eval_batch_size, args.out) == \
         (2, 10000, 500, "runs/benchmark/speed.json")
-    assert args.reference_weight_grads is True and args.amp is None
+    assert args.reference_weight_grads is True and args.amp is False
     args = speed.parse_args(["--no-reference-weight-grads", "--amp", "--shape", "3,8,8", "--peak-tflops", "100"])
     assert args.reference_weight_grads is False and args.amp is True and args.shape == "3,8,8"
     resolved = speed.resolve(speed.Args(device="cpu"))
