@@ -333,8 +333,11 @@ def build_network(args: Args) -> Network:
         raise ValueError(f"--probes gives {len(probes)} probe types for {len(positions)} positions")
     for position, probe in zip(positions, probes):
         channels = net.feature_shapes[net.canonical(position)][0]
-        net.insert(position, CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn,
-                                  args.softmax_scale, args.top_k))
+        module = CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn, args.softmax_scale, args.top_k)
+        # Official code: the WRN-28-10 constructor builds both probes before its initialisation loop,
+        # which zeroes their Linear biases (models/nets/wide_resnet_CIFS.py); the ResNet-18 and
+        # ResNet-10 have no loop (models/nets/resnet_CIFS.py). The backbone knows which applies.
+        net.insert(position, net.initialise_like_backbone(module))
     return net
 
 

@@ -233,8 +233,12 @@ def build_network(args: Args) -> Network:
         return net
     for position in (args.positions or net.unit_names[-1]).split(","):
         channels = net.feature_shapes[net.canonical(position)][0]
-        net.insert(position, FSR(channels, net.num_classes, args.hidden, args.tau, separation=not args.no_separation,
-                                 recalibration=not args.no_recalibration, binary_mask=args.binary_mask))
+        module = FSR(channels, net.num_classes, args.hidden, args.tau, separation=not args.no_separation,
+                     recalibration=not args.no_recalibration, binary_mask=args.binary_mask)
+        # Official code: the VGG16 and WRN-34-10 constructors build S, R and the head before their
+        # initialisation loop, which therefore covers them (models/vgg_fsr.py, models/wideresnet34_fsr.py);
+        # the ResNet-18 has no loop (models/resnet_fsr.py). The backbone knows which applies.
+        net.insert(position, net.initialise_like_backbone(module))
     return net
 
 

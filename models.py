@@ -90,6 +90,16 @@ class Network(nn.Module):
         self.feature_shapes: dict[str, tuple[int, ...]] = shapes
         self.train(was_training)
 
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        """Re-initialise `module` as the official code of this backbone initialises what its
+        constructor builds; returns `module`. Each backbone applies it to itself at construction, and
+        the method files to the modules they insert, because the official VGG16 and WRN constructors
+        build the method's modules first and then run one loop over everything. The default (ResNets,
+        SmallCNN) keeps PyTorch's initialisation, as the official ResNets do: neither
+        `wkim97/FSR` models/resnet_fsr.py nor `HanshuYAN/CIFS` models/nets/resnet.py and
+        resnet_CIFS.py has an initialisation loop."""
+        return module
+
     def positions(self) -> list[str]:
         return list(self.feature_shapes)
 
@@ -137,6 +147,47 @@ class Network(nn.Module):
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
+
+
+# =============================================================================================
+# The official initialisation loops (only VGG16 and the WRNs have one)
+# =============================================================================================
+
+
+@torch.no_grad()
+def init_wrn_(module: nn.Module) -> nn.Module:
+    """The loop that ends both official WRN constructors (`wkim97/FSR` models/wideresnet34_fsr.py;
+    `HanshuYAN/CIFS` models/nets/wide_resnet.py and wide_resnet_CIFS.py): every conv weight
+    N(0, sqrt(2 / (k_h * k_w * C_out))) (the WRN convs have no bias; a bias is left alone, as there),
+    BatchNorm weight 1 and bias 0, every Linear bias 0 (Linear weights keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return module
+
+
+@torch.no_grad()
+def init_vgg_(module: nn.Module) -> nn.Module:
+    """`VGG._initialize_weights` of the official FSR VGG16 (`wkim97/FSR` models/vgg_fsr.py): conv
+    weights Kaiming-normal, fan-out, ReLU gain (std sqrt(2 / (k_h * k_w * C_out)), the WRN value)
+    and conv biases 0; BatchNorm weight 1 and bias 0; Linear weights N(0, 0.01) and biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 # =============================================================================================
@@ -216,6 +267,7 @@ class VGG16(Network):
 
     Conv layers keep their bias (as in the FSR code's VGG); classifier
     Linear(512,512)-ReLU-Linear(512,512)-ReLU-Linear(512,K), no dropout: 15.25 M parameters.
+    Initialised as the official FSR VGG16 (`init_vgg_`).
     """
 
     widths = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -237,7 +289,11 @@ class VGG16(Network):
         self.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, num_classes))
+        self.initialise_like_backbone(self)
         self._finish()
+
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        return init_vgg_(module)
 
 
 # =============================================================================================
@@ -270,7 +326,8 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(Network):
-    """Units: "stem", "block1.0", ..., "block3.<n-1>", "final" (the closing BN+ReLU)."""
+    """Units: "stem", "block1.0", ..., "block3.<n-1>", "final" (the closing BN+ReLU).
+    Initialised as both official WRNs (`init_wrn_`)."""
 
     def __init__(self, depth=34, widen=10, input_shape=(3, 32, 32), num_classes=10):
         super().__init__(input_shape, num_classes)
@@ -288,7 +345,11 @@ class WideResNet(Network):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.unit_names, self.stages = tuple(names + ["final"]), stages
         self.classifier = nn.Linear(cin, num_classes)
+        self.initialise_like_backbone(self)
         self._finish()
+
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        return init_wrn_(module)
 
 
 # =============================================================================================
