@@ -45,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import attacks
 from models import (MODELS, DATASETS, DeviceLoader, Network, balanced_subset, build_model, convert_sync_batchnorm,
-                    count_flops, count_parameters, dataset_info, load_dataset, split_validation, subset)
+                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, split_validation,
+                    subset)
 
 METHOD = "cifs"
 
@@ -384,16 +385,58 @@ def build_network(args: Args) -> Network:
     for position, probe in zip(args.positions.split(","), args.probes.split(",")):
         try:
             channels = net.feature_shapes[net.canonical(position)][0]
-            net.insert(position, CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn,
-                                      args.softmax_scale, args.top_k))
+            module = CIFS(channels, net.num_classes, probe, args.hidden, args.mask_fn, args.softmax_scale, args.top_k)
+            # Official code: the WRN-28-10 constructor builds both probes before its initialisation loop,
+            # which zeroes their Linear biases (models/nets/wide_resnet_CIFS.py); the ResNet-18 and
+            # ResNet-10 have no loop (models/nets/resnet_CIFS.py). The backbone knows which applies.
+            net.insert(position, net.initialise_like_backbone(module))
         except ValueError as error:  # unknown or repeated position, unknown probe
             raise ValueError(f"--positions {args.positions!r} / --probes {args.probes!r}: {error}") from None
     return net
 
 
-def official_state_dict(state: dict, args: Args) -> tuple[dict, list]:
-    """Placeholder until the official-checkpoint mapping lands."""
-    raise CheckpointError("not a checkpoint written by cifs.py")
+# The official CIFS ResNet-18 (HanshuYAN/CIFS models/nets/resnet_CIFS.py, `ResNet18_L4`, trained by
+# CIFAR10_Res18_CIFS.py) keeps each probe inside its layer4 block, `layer4.<j>.Probe.Probe`: after
+# layer4.0 an MLP (`0.fc`, Softplus, then Linear `1`, hidden 128), after layer4.1 a linear probe
+# (`1`), with 10 classes written into the code. The script saves {"state_dict": net.state_dict(),
+# "stop_epoch": ..., "optimizer": ...}, DataParallel unwrapped. Our slot -> probe type:
+OFFICIAL_PROBES = {"layer4_0": "mlp", "layer4_1": "linear"}
+
+
+def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
+    """(our state dict for `build_network(args)`, notes) from a checkpoint saved by the official CIFS
+    training script CIFAR10_Res18_CIFS.py (the whole dict, or its "state_dict"). `args`: resolved,
+    model resnet18 on a 10-class dataset, the default CIFS layout (MLP probe after layer4.0, linear
+    after layer4.1, hidden 128); with --no-cifs, the script's vanilla ResNet-18 (`--network _`).
+    A note warns when the mask settings differ from the official module's (2 * softmax, top-2).
+    Anything that does not fit is a one-line ValueError naming it."""
+    if args.model != "resnet18":
+        raise ValueError(f"the official CIFS training script (CIFAR10_Res18_CIFS.py) trains resnet18, not {args.model!r}")
+    with torch.device("meta"):  # names and shapes only: no memory, no random numbers drawn
+        reference = build_network(args)
+    if reference.num_classes != 10:
+        raise ValueError(f"the official CIFS ResNet-18 has 10 classes written into its probes and classifier "
+                         f"(models/nets/resnet_CIFS.py); dataset {args.dataset!r} has {reference.num_classes}")
+    notes = []
+    if args.no_cifs:  # models/nets/resnet_.py: the backbone names of resnet_CIFS.py without probes
+        rules = ()
+    else:
+        layout = {slot: module.probe for slot, module in reference.inserted.items()}
+        if layout != OFFICIAL_PROBES:
+            raise ValueError(f"the official CIFS ResNet-18 has an MLP probe after layer4.0 and a linear probe after "
+                             f"layer4.1; these settings give {layout}")
+        rules = (
+            (r"layer4\.0\.Probe\.Probe\.0\.fc\.", "inserted.layer4_0.head.0."),  # MLP: Linear(512, 128)
+            (r"layer4\.0\.Probe\.Probe\.1\.", "inserted.layer4_0.head.2."),       # MLP: Linear(128, 10)
+            (r"layer4\.1\.Probe\.Probe\.1\.", "inserted.layer4_1.head.0."),       # linear: Linear(512, 10)
+        )
+        if (args.mask_fn, args.softmax_scale, args.top_k) != ("softmax", 2.0, 2):
+            notes.append(f"the official module's mask is 2 * softmax of the top-2 relevance; this network has "
+                         f"mask_fn={args.mask_fn}, softmax_scale={args.softmax_scale:g}, top_k={args.top_k}: "
+                         f"its outputs differ from the authors' model")
+    ours, mapped = official_to_ours(checkpoint, "resnet18", rules, reference.state_dict(),
+                                    "official CIFS CIFAR10_Res18_CIFS.py")
+    return ours, mapped + notes
 
 
 # =============================================================================================

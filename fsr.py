@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import attacks
 from models import (MODELS, DATASETS, DeviceLoader, Network, balanced_subset, build_model, convert_sync_batchnorm,
-                    count_flops, count_parameters, dataset_info, load_dataset, split_validation, subset)
+                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, split_validation,
+                    subset)
 
 METHOD = "fsr"
 
@@ -269,17 +270,46 @@ def build_network(args: Args) -> Network:
     for position in args.positions.split(","):
         try:
             channels = net.feature_shapes[net.canonical(position)][0]
-            net.insert(position, FSR(channels, net.num_classes, args.hidden, args.tau,
-                                     separation=not args.no_separation, recalibration=not args.no_recalibration,
-                                     binary_mask=args.binary_mask))
+            module = FSR(channels, net.num_classes, args.hidden, args.tau, separation=not args.no_separation,
+                         recalibration=not args.no_recalibration, binary_mask=args.binary_mask)
+            # Official code: the VGG16 and WRN-34-10 constructors build S, R and the head before their
+            # initialisation loop, which therefore covers them (models/vgg_fsr.py, models/wideresnet34_fsr.py);
+            # the ResNet-18 has no loop (models/resnet_fsr.py). The backbone knows which applies.
+            net.insert(position, net.initialise_like_backbone(module))
         except ValueError as error:  # unknown or repeated position
             raise ValueError(f"--positions {args.positions!r}: {error}") from None
     return net
 
 
-def official_state_dict(state: dict, args: Args) -> tuple[dict, list]:
-    """Placeholder until the official-checkpoint mapping lands."""
-    raise CheckpointError("not a checkpoint written by fsr.py")
+# The official FSR models (wkim97/FSR models/resnet_fsr.py, vgg_fsr.py, wideresnet34_fsr.py) hold their
+# one FSR module as attributes of the backbone, `separation.sep_net` (S), `recalibration.rec_net` (R)
+# and `aux` (h), at these positions of ours; train.py saves `net.state_dict()` after every epoch.
+OFFICIAL_POSITIONS = {"resnet18": "layer4", "vgg16": "stage4", "wrn34_10": "final"}
+
+
+def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
+    """(our state dict for `build_network(args)`, notes) from a state dict saved by the official FSR
+    train.py. `args`: resolved, with the checkpoint's backbone (resnet18, vgg16 or wrn34_10) and
+    dataset; the FSR settings at their defaults (one module at the official position, S and R, hidden
+    64). The WRN-34-10's 61 `sub_block1` keys are dropped (the official model never calls that block),
+    which a note says. Anything else that does not fit is a one-line ValueError naming it."""
+    if args.model not in OFFICIAL_POSITIONS:
+        raise ValueError(f"the official FSR code has no {args.model!r}; its models are {', '.join(OFFICIAL_POSITIONS)}")
+    if args.no_fsr or args.no_separation or args.no_recalibration:
+        raise ValueError("an official FSR checkpoint holds S, R and the head: build the network without "
+                         "--no-fsr, --no-separation and --no-recalibration")
+    with torch.device("meta"):  # names and shapes only: no memory, no random numbers drawn
+        reference = build_network(args)
+    slot = reference.canonical(OFFICIAL_POSITIONS[args.model]).replace(".", "_")
+    if list(reference.inserted) != [slot]:
+        raise ValueError(f"the official {args.model} has one FSR module at {OFFICIAL_POSITIONS[args.model]!r}; "
+                         f"--positions {args.positions!r} puts it elsewhere")
+    rules = (
+        (r"separation\.sep_net\.", f"inserted.{slot}.separation."),        # S: the same layers at the same indices
+        (r"recalibration\.rec_net\.", f"inserted.{slot}.recalibration."),  # R
+        (r"aux\.0\.", f"inserted.{slot}.head."),                         # h: Sequential(Linear) there, Linear here
+    )
+    return official_to_ours(checkpoint, args.model, rules, reference.state_dict(), "official FSR train.py")
 
 
 # =============================================================================================

@@ -6,7 +6,9 @@ Two things live here, and nothing method-specific:
    no mean/std normalisation (SPEC.md §0; both official codes feed `ToTensor()` output straight
    in). Every backbone is a `Network`: a flat, named sequence of *units* (the stem, each residual
    block, each conv stage, ...) followed by a head. A method file puts its module at a named
-   position with `net.insert(position, module)`; see `Network` for the contract.
+   position with `net.insert(position, module)`; see `Network` for the contract. Each backbone is
+   initialised as its official code does (`Network.initialise_like_backbone`), and
+   `official_to_ours` renames the backbone keys of a state dict saved by the authors' code.
 2. Datasets: one table of dataset facts (`DATASETS`), loaders for the real datasets and a
    learnable synthetic one, and `DeviceLoader`, which keeps a split on the GPU as uint8 and
    augments there.
@@ -22,6 +24,7 @@ import copy
 import gzip
 import math
 import os
+import re
 import struct
 import tempfile
 import urllib.error
@@ -90,6 +93,16 @@ class Network(nn.Module):
         self.feature_shapes: dict[str, tuple[int, ...]] = shapes
         self.train(was_training)
 
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        """Re-initialise `module` as the official code of this backbone initialises what its
+        constructor builds; returns `module`. Each backbone applies it to itself at construction, and
+        the method files to the modules they insert, because the official VGG16 and WRN constructors
+        build the method's modules first and then run one loop over everything. The default (ResNets,
+        SmallCNN) keeps PyTorch's initialisation, as the official ResNets do: neither
+        `wkim97/FSR` models/resnet_fsr.py nor `HanshuYAN/CIFS` models/nets/resnet.py and
+        resnet_CIFS.py has an initialisation loop."""
+        return module
+
     def positions(self) -> list[str]:
         return list(self.feature_shapes)
 
@@ -137,6 +150,47 @@ class Network(nn.Module):
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
+
+
+# =============================================================================================
+# The official initialisation loops (only VGG16 and the WRNs have one)
+# =============================================================================================
+
+
+@torch.no_grad()
+def init_wrn_(module: nn.Module) -> nn.Module:
+    """The loop that ends both official WRN constructors (`wkim97/FSR` models/wideresnet34_fsr.py;
+    `HanshuYAN/CIFS` models/nets/wide_resnet.py and wide_resnet_CIFS.py): every conv weight
+    N(0, sqrt(2 / (k_h * k_w * C_out))) (the WRN convs have no bias; a bias is left alone, as there),
+    BatchNorm weight 1 and bias 0, every Linear bias 0 (Linear weights keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return module
+
+
+@torch.no_grad()
+def init_vgg_(module: nn.Module) -> nn.Module:
+    """`VGG._initialize_weights` of the official FSR VGG16 (`wkim97/FSR` models/vgg_fsr.py): conv
+    weights Kaiming-normal, fan-out, ReLU gain (std sqrt(2 / (k_h * k_w * C_out)), the WRN value)
+    and conv biases 0; BatchNorm weight 1 and bias 0; Linear weights N(0, 0.01) and biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 # =============================================================================================
@@ -216,6 +270,7 @@ class VGG16(Network):
 
     Conv layers keep their bias (as in the FSR code's VGG); classifier
     Linear(512,512)-ReLU-Linear(512,512)-ReLU-Linear(512,K), no dropout: 15.25 M parameters.
+    Initialised as the official FSR VGG16 (`init_vgg_`).
     """
 
     widths = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -237,7 +292,11 @@ class VGG16(Network):
         self.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, 512), nn.ReLU(inplace=True),
                                         nn.Linear(512, num_classes))
+        self.initialise_like_backbone(self)
         self._finish()
+
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        return init_vgg_(module)
 
 
 # =============================================================================================
@@ -270,7 +329,8 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(Network):
-    """Units: "stem", "block1.0", ..., "block3.<n-1>", "final" (the closing BN+ReLU)."""
+    """Units: "stem", "block1.0", ..., "block3.<n-1>", "final" (the closing BN+ReLU).
+    Initialised as both official WRNs (`init_wrn_`)."""
 
     def __init__(self, depth=34, widen=10, input_shape=(3, 32, 32), num_classes=10):
         super().__init__(input_shape, num_classes)
@@ -288,7 +348,11 @@ class WideResNet(Network):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.unit_names, self.stages = tuple(names + ["final"]), stages
         self.classifier = nn.Linear(cin, num_classes)
+        self.initialise_like_backbone(self)
         self._finish()
+
+    def initialise_like_backbone(self, module: nn.Module) -> nn.Module:
+        return init_wrn_(module)
 
 
 # =============================================================================================
@@ -361,6 +425,137 @@ def count_flops(model: nn.Module, input_shape: tuple) -> int:
     with torch.no_grad():
         clone(torch.zeros(1, *input_shape))
     return total
+
+
+# =============================================================================================
+# Reading the authors' checkpoints: backbone key names (fsr.py / cifs.py add their modules' names)
+# =============================================================================================
+
+# Official key prefix (a regular expression matched at the start of the key) -> our prefix, tried in
+# order; the first match renames that prefix and keeps the rest of the key (weight, bias,
+# running_mean, running_var, num_batches_tracked: PyTorch's names in both). None drops the key.
+OFFICIAL_BACKBONE_KEYS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    # wkim97/FSR models/resnet_fsr.py; HanshuYAN/CIFS models/nets/resnet.py, resnet_.py, resnet_CIFS.py.
+    "resnet18": (
+        (r"conv1\.", "stem.0."),
+        (r"bn1\.", "stem.1."),
+        (r"layer([1-4])\.(\d+)\.", r"layer\1.\2."),  # conv1, bn1, conv2, bn2, shortcut.0 / .1 alike
+        (r"linear\.", "classifier."),
+    ),
+    # wkim97/FSR models/vgg_fsr.py: block0..block4 hold conv, BN, ReLU at our indices (pool0..pool4 and
+    # avgpool have no parameters); the classifier's Linear layers sit at 0, 2, 4 in both.
+    "vgg16": (
+        (r"block0\.", "stage1."),
+        (r"block1\.", "stage2."),
+        (r"block2\.", "stage3."),
+        (r"block3\.", "stage4."),
+        (r"block4\.", "stage5."),
+        (r"classifier\.", "classifier."),
+    ),
+    # wkim97/FSR models/wideresnet34_fsr.py (the TRADES WRN names).
+    "wrn34_10": (
+        (r"conv1\.", "stem."),
+        (r"block([1-3])\.layer\.(\d+)\.convShortcut\.", r"block\1.\2.shortcut."),
+        (r"block([1-3])\.layer\.(\d+)\.", r"block\1.\2."),  # bn1, conv1, bn2, conv2
+        (r"bn1\.", "final.0."),
+        (r"fc\.", "classifier."),
+        (r"sub_block1\.", None),  # a second copy of block1 the model builds and saves but never calls
+    ),
+}
+
+
+_BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _some(keys, shown: int = 4) -> str:
+    """'a', 'b', 'c', 'd', ... (N in all): the first few keys of a list, for a one-line message."""
+    keys = list(keys)
+    head = ", ".join(repr(k) for k in keys[:shown])
+    return head + (f", ... ({len(keys)} in all)" if len(keys) > shown else "")
+
+
+def official_to_ours(checkpoint, model_name: str, method_rules: tuple, reference: dict,
+                     source: str) -> tuple[dict, list[str]]:
+    """Rename a state dict saved by the authors' code to our keys, checking every key and shape.
+
+    checkpoint: what `torch.load` returned for the official file: a state dict, or a dict holding it
+        under "state_dict" (the CIFS training script); a DataParallel "module." prefix on every key
+        is removed.
+    model_name: our backbone name; its table in OFFICIAL_BACKBONE_KEYS renames the backbone keys.
+    method_rules: the method's rules for its own modules, in the same form, tried first.
+    reference: our network's state dict (only names and shapes are read: a network built under
+        `torch.device("meta")` will do).
+    source: the official file, for messages.
+    Returns (our state dict, for `load_state_dict(..., strict=True)`; notes on what was done).
+    Raises ValueError, in one line naming the keys, on an official key with no place here, one of our
+    keys left unfilled, another number of classes, or a shape mismatch.
+    """
+    if model_name not in OFFICIAL_BACKBONE_KEYS:
+        raise ValueError(f"no official key names for {model_name!r}; known: {', '.join(OFFICIAL_BACKBONE_KEYS)}")
+    notes = []
+    state = checkpoint
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        extra = f" (saved at stop_epoch {state['stop_epoch']})" if "stop_epoch" in state else ""
+        notes.append(f"read the checkpoint's 'state_dict' entry{extra}")
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"not a state dict of {source}: expected a dict of tensors, or one under 'state_dict'")
+    if all(k.startswith("module.") for k in state):
+        notes.append("removed the DataParallel prefix 'module.' from every key")
+        state = {k[len("module."):]: v for k, v in state.items()}
+
+    rules = tuple(method_rules) + OFFICIAL_BACKBONE_KEYS[model_name]
+    ours, origin, unplaced, dropped = {}, {}, [], {}
+    for key, tensor in state.items():
+        for pattern, replacement in rules:
+            match = re.match(pattern, key)
+            if match:
+                break
+        else:
+            unplaced.append(key)
+            continue
+        if replacement is None:
+            dropped.setdefault(pattern, []).append(key)
+            continue
+        target = match.expand(replacement) + key[match.end():]
+        if target not in reference:
+            unplaced.append(key)
+        elif target in ours:
+            raise ValueError(f"official keys {origin[target]!r} and {key!r} both map to {target!r}")
+        else:
+            ours[target], origin[target] = tensor, key
+    if unplaced:
+        raise ValueError(f"{len(unplaced)} key(s) of the {source} checkpoint have no place in our {model_name}: {_some(unplaced)}")
+
+    missing = [k for k in reference if k not in ours]
+    if not any(k.endswith("num_batches_tracked") for k in state):  # saved by PyTorch < 0.4.1
+        counters = [k for k in missing if k.endswith("num_batches_tracked")]
+        for key in counters:
+            ours[key] = torch.zeros((), dtype=torch.long)
+        if counters:
+            notes.append(f"the checkpoint has no BatchNorm num_batches_tracked counters: {len(counters)} set to 0 "
+                         f"(unused: our BatchNorm momentum is 0.1)")
+        missing = [k for k in missing if k not in ours]
+    if missing:
+        raise ValueError(f"{len(missing)} key(s) of our network are not in the {source} checkpoint: {_some(missing)}")
+
+    classifier = [k for k in reference if k.startswith("classifier.") and k.endswith(".weight")][-1]
+    if ours[classifier].shape[0] != reference[classifier].shape[0]:
+        raise ValueError(f"the checkpoint classifies {ours[classifier].shape[0]} classes ({origin[classifier]!r} has shape "
+                         f"{tuple(ours[classifier].shape)}), this network {reference[classifier].shape[0]}: "
+                         f"build it for the dataset the checkpoint was trained on")
+    wrong = [k for k in ours if k in origin and ours[k].shape != reference[k].shape]
+    if wrong:
+        raise ValueError(f"{len(wrong)} shape mismatch(es), e.g. official {origin[wrong[0]]!r} -> our {wrong[0]!r}: "
+                         f"{tuple(ours[wrong[0]].shape)} in the checkpoint, {tuple(reference[wrong[0]].shape)} here; "
+                         f"all: {_some(wrong)}")
+
+    for keys in dropped.values():
+        parameters = sum(state[k].numel() for k in keys if not k.endswith(_BATCHNORM_BUFFERS))
+        notes.append(f"dropped {len(keys)} official keys {keys[0].split('.')[0]}.* ({parameters:,} parameters): "
+                     f"a module the official model builds but never calls in forward")
+    notes.append(f"mapped {len(origin)} tensors of the {source} checkpoint onto all {len(reference)} keys of our network")
+    return ours, notes
 
 
 # =============================================================================================

@@ -1,0 +1,293 @@
+"""Reading state dicts saved by the authors' code: fsr.official_state_dict and cifs.official_state_dict.
+
+Each official layout below is written out from the official model files (key names and shapes):
+wkim97/FSR models/resnet_fsr.py, vgg_fsr.py, wideresnet34_fsr.py (train.py saves `net.state_dict()`)
+and HanshuYAN/CIFS models/nets/resnet_CIFS.py (CIFAR10_Res18_CIFS.py saves {"state_dict": ...}).
+Every tensor is distinct, so a tensor that lands in the wrong place is caught.
+"""
+
+import pytest
+import torch
+
+import cifs
+import fsr
+
+WIDTHS = (64, 128, 256, 512)
+
+
+# --- the official layouts: key -> shape ----------------------------------------------------------
+
+def batchnorm(prefix: str, channels: int) -> dict:
+    return {f"{prefix}.{name}": (channels,) for name in ("weight", "bias", "running_mean", "running_var")} | {
+        f"{prefix}.num_batches_tracked": ()}
+
+
+def official_resnet18(num_classes: int = 10, cifs_probes: bool = False) -> dict:
+    """`ResNet(BasicBlock, [2, 2, 2, 2])` of resnet_fsr.py / resnet.py; with cifs_probes, `ResNet_L4` of
+    resnet_CIFS.py, whose layer4 blocks carry `Probe = CSAFR(512, 10, mode)`: 'nonlinear' then 'linear'."""
+    keys = {"conv1.weight": (64, 3, 3, 3)} | batchnorm("bn1", 64)
+    cin = 64
+    for layer, (width, stride) in enumerate(zip(WIDTHS, (1, 2, 2, 2)), 1):
+        for block in range(2):
+            p = f"layer{layer}.{block}"
+            keys |= {f"{p}.conv1.weight": (width, cin, 3, 3)} | batchnorm(f"{p}.bn1", width)
+            keys |= {f"{p}.conv2.weight": (width, width, 3, 3)} | batchnorm(f"{p}.bn2", width)
+            if cifs_probes and layer == 4 and block == 0:  # nlBlock(512, 128) = fc + Softplus, then Linear(128, 10)
+                keys |= {f"{p}.Probe.Probe.0.fc.weight": (128, 512), f"{p}.Probe.Probe.0.fc.bias": (128,),
+                         f"{p}.Probe.Probe.1.weight": (10, 128), f"{p}.Probe.Probe.1.bias": (10,)}
+            if cifs_probes and layer == 4 and block == 1:  # Global_Avg_Flatten, then Linear(512, 10)
+                keys |= {f"{p}.Probe.Probe.1.weight": (10, 512), f"{p}.Probe.Probe.1.bias": (10,)}
+            if block == 0 and (stride != 1 or cin != width):
+                keys |= {f"{p}.shortcut.0.weight": (width, cin, 1, 1)} | batchnorm(f"{p}.shortcut.1", width)
+            cin = width
+    return keys | {"linear.weight": (num_classes, 512), "linear.bias": (num_classes,)}
+
+
+def official_fsr_module(channels: int, num_classes: int) -> dict:
+    """`Separation.sep_net` and `Recalibration.rec_net` (conv-BN-ReLU, conv-BN-ReLU, conv; no conv bias)
+    and `aux = Sequential(Linear(C, K))`, identical in the three official FSR model files."""
+    keys = {}
+    for prefix in ("separation.sep_net", "recalibration.rec_net"):
+        keys |= {f"{prefix}.0.weight": (64, channels, 3, 3)} | batchnorm(f"{prefix}.1", 64)
+        keys |= {f"{prefix}.3.weight": (64, 64, 3, 3)} | batchnorm(f"{prefix}.4", 64)
+        keys |= {f"{prefix}.6.weight": (channels, 64, 3, 3)}
+    return keys | {"aux.0.weight": (num_classes, channels), "aux.0.bias": (num_classes,)}
+
+
+def official_vgg16(num_classes: int = 10) -> dict:
+    """`VGG` of vgg_fsr.py: block0..block4 = Sequential(conv (bias), BN, ReLU, ...); pools without parameters."""
+    keys, cin = {}, 3
+    for b, stage in enumerate(((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))):
+        for i, cout in enumerate(stage):
+            keys |= {f"block{b}.{3 * i}.weight": (cout, cin, 3, 3), f"block{b}.{3 * i}.bias": (cout,)}
+            keys |= batchnorm(f"block{b}.{3 * i + 1}", cout)
+            cin = cout
+    for index, (out, inp) in zip((0, 2, 4), ((512, 512), (512, 512), (num_classes, 512))):
+        keys |= {f"classifier.{index}.weight": (out, inp), f"classifier.{index}.bias": (out,)}
+    return keys
+
+
+def official_network_block(name: str, blocks: int, cin: int, cout: int) -> dict:
+    """`NetworkBlock(n, cin, cout, BasicBlock)` of wideresnet34_fsr.py: `<name>.layer.<j>`."""
+    keys = {}
+    for j in range(blocks):
+        p, inp = f"{name}.layer.{j}", cin if j == 0 else cout
+        keys |= batchnorm(f"{p}.bn1", inp) | {f"{p}.conv1.weight": (cout, inp, 3, 3)}
+        keys |= batchnorm(f"{p}.bn2", cout) | {f"{p}.conv2.weight": (cout, cout, 3, 3)}
+        if inp != cout:
+            keys[f"{p}.convShortcut.weight"] = (cout, inp, 1, 1)
+    return keys
+
+
+def official_wrn34_10(num_classes: int = 10) -> dict:
+    """`WideResNet(34, widen_factor=10)` of wideresnet34_fsr.py, with its unused `sub_block1`."""
+    keys = {"conv1.weight": (16, 3, 3, 3)}
+    keys |= official_network_block("block1", 5, 16, 160)
+    keys |= official_network_block("sub_block1", 5, 16, 160)
+    keys |= official_network_block("block2", 5, 160, 320)
+    keys |= official_network_block("block3", 5, 320, 640)
+    return keys | batchnorm("bn1", 640) | {"fc.weight": (num_classes, 640), "fc.bias": (num_classes,)}
+
+
+def filled(layout: dict, seed: int = 0) -> dict:
+    """Distinct random tensors of the layout's shapes (counters: distinct integers)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: torch.tensor(i, dtype=torch.long) if key.endswith("num_batches_tracked")
+            else torch.randn(shape, generator=generator) for i, (key, shape) in enumerate(layout.items())}
+
+
+# --- the supported models -----------------------------------------------------------------------
+
+def fsr_args(model, **overrides):
+    return fsr.resolve(fsr.Args(dataset="cifar10", model=model, **overrides))
+
+
+def cifs_args(**overrides):
+    settings = dict(dataset="cifar10", model="resnet18", positions="layer4.0,layer4.1", probes="mlp,linear", hidden=128,
+                    mask_fn="softmax", softmax_scale=2.0, top_k=2)
+    return cifs.resolve(cifs.Args(**(settings | overrides)))
+
+
+CASES = {
+    # name: (official layout, method module, args, {official key: our module path + parameter})
+    "fsr_resnet18": (lambda: official_resnet18() | official_fsr_module(512, 10), fsr, lambda: fsr_args("resnet18"), {
+        "conv1.weight": "stem.0.weight", "bn1.running_var": "stem.1.running_var",
+        "layer2.1.conv2.weight": "layer2.1.conv2.weight", "layer3.0.shortcut.1.bias": "layer3.0.shortcut.1.bias",
+        "linear.weight": "classifier.weight", "linear.bias": "classifier.bias",
+        "separation.sep_net.0.weight": "inserted.layer4_1.separation.0.weight",
+        "separation.sep_net.4.running_mean": "inserted.layer4_1.separation.4.running_mean",
+        "recalibration.rec_net.6.weight": "inserted.layer4_1.recalibration.6.weight",
+        "aux.0.weight": "inserted.layer4_1.head.weight", "aux.0.bias": "inserted.layer4_1.head.bias"}),
+    "fsr_vgg16": (lambda: official_vgg16() | official_fsr_module(512, 10), fsr, lambda: fsr_args("vgg16"), {
+        "block0.0.weight": "stage1.0.weight", "block0.0.bias": "stage1.0.bias",
+        "block2.4.running_var": "stage3.4.running_var", "block3.6.weight": "stage4.6.weight",
+        "block4.7.weight": "stage5.7.weight", "classifier.4.weight": "classifier.4.weight",
+        "separation.sep_net.0.weight": "inserted.stage4.separation.0.weight",
+        "recalibration.rec_net.6.weight": "inserted.stage4.recalibration.6.weight",
+        "aux.0.weight": "inserted.stage4.head.weight"}),
+    "fsr_wrn34_10": (lambda: official_wrn34_10() | official_fsr_module(640, 10), fsr, lambda: fsr_args("wrn34_10"), {
+        "conv1.weight": "stem.weight", "block1.layer.0.convShortcut.weight": "block1.0.shortcut.weight",
+        "block2.layer.3.conv1.weight": "block2.3.conv1.weight", "block3.layer.4.bn2.running_mean": "block3.4.bn2.running_mean",
+        "bn1.weight": "final.0.weight", "fc.weight": "classifier.weight",
+        "separation.sep_net.0.weight": "inserted.final.separation.0.weight",
+        "recalibration.rec_net.6.weight": "inserted.final.recalibration.6.weight",
+        "aux.0.bias": "inserted.final.head.bias"}),
+    "cifs_resnet18": (lambda: official_resnet18(cifs_probes=True), cifs, cifs_args, {
+        "conv1.weight": "stem.0.weight", "layer2.1.conv2.weight": "layer2.1.conv2.weight",
+        "layer4.0.conv1.weight": "layer4.0.conv1.weight", "linear.weight": "classifier.weight",
+        "layer4.0.Probe.Probe.0.fc.weight": "inserted.layer4_0.head.0.weight",
+        "layer4.0.Probe.Probe.1.bias": "inserted.layer4_0.head.2.bias",
+        "layer4.1.Probe.Probe.1.weight": "inserted.layer4_1.head.0.weight"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_official_state_dict_loads_strictly_and_every_tensor_lands_in_its_place(case):
+    layout, method, make_args, places = CASES[case]
+    official = filled(layout())
+    args = make_args()
+    ours, notes = method.official_state_dict(official, args)
+    torch.manual_seed(0)
+    net = method.build_network(args)
+    net.load_state_dict(ours, strict=True)
+    loaded = net.state_dict()
+    for official_key, our_key in places.items():
+        assert torch.equal(loaded[our_key], official[official_key]), (official_key, our_key)
+    # A bijection: each of our tensors is a different official tensor, and every official tensor
+    # except the dropped block is used.
+    used = {id(tensor) for tensor in ours.values()}
+    kept = [k for k in official if not k.startswith("sub_block1.")]
+    assert len(used) == len(ours) == len(loaded) == len(kept)
+    assert used == {id(official[k]) for k in kept}
+    assert notes[-1].startswith(f"mapped {len(kept)} tensors")
+
+
+def test_wrn34_10_drops_the_61_unused_sub_block1_keys_and_says_so():
+    layout = official_wrn34_10() | official_fsr_module(640, 10)
+    assert sum(k.startswith("sub_block1.") for k in layout) == 61
+    ours, notes = fsr.official_state_dict(filled(layout), fsr_args("wrn34_10"))
+    assert not any("sub_block1" in k for k in ours)
+    assert any("dropped 61 official keys sub_block1.*" in n and "2,102,112 parameters" in n for n in notes), notes
+
+
+# --- wrappers the official scripts produce ------------------------------------------------------
+
+def test_the_cifs_script_checkpoint_dict_round_trips_through_torch_save(tmp_path):
+    state = filled(official_resnet18(cifs_probes=True))
+    weight = state["conv1.weight"]
+    checkpoint = {"state_dict": state, "stop_epoch": 119,
+                  "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.001, "params": [0]}]}}
+    torch.save(checkpoint, tmp_path / "ckp_latest.pt")
+    loaded = torch.load(tmp_path / "ckp_latest.pt", map_location="cpu", weights_only=True)
+    ours, notes = cifs.official_state_dict(loaded, cifs_args())
+    assert torch.equal(ours["stem.0.weight"], weight)
+    assert "read the checkpoint's 'state_dict' entry (saved at stop_epoch 119)" in notes
+
+
+def test_a_dataparallel_prefix_is_removed():
+    state = {"module." + k: v for k, v in filled(official_resnet18() | official_fsr_module(512, 10)).items()}
+    ours, notes = fsr.official_state_dict(state, fsr_args("resnet18"))
+    assert torch.equal(ours["classifier.weight"], state["module.linear.weight"])
+    assert any("'module.'" in n for n in notes)
+
+
+def test_a_checkpoint_without_batchnorm_counters_loads_with_a_note():
+    state = {k: v for k, v in filled(official_resnet18() | official_fsr_module(512, 10)).items()
+             if not k.endswith("num_batches_tracked")}
+    ours, notes = fsr.official_state_dict(state, fsr_args("resnet18"))
+    fsr.build_network(fsr_args("resnet18")).load_state_dict(ours, strict=True)
+    assert int(ours["stem.1.num_batches_tracked"]) == 0
+    assert any("num_batches_tracked" in n and "set to 0" in n for n in notes)
+
+
+def test_the_cifs_scripts_vanilla_resnet18_loads_with_no_cifs():
+    state = filled(official_resnet18())  # CIFAR10_Res18_CIFS.py --network _ (models/nets/resnet_.py)
+    args = cifs_args(no_cifs=True)
+    ours, _ = cifs.official_state_dict(state, args)
+    cifs.build_network(args).load_state_dict(ours, strict=True)
+
+
+def test_cifs_notes_mask_settings_other_than_the_official_module():
+    state = filled(official_resnet18(cifs_probes=True))
+    _, official_notes = cifs.official_state_dict(state, cifs_args(softmax_scale=2.0))
+    _, other_notes = cifs.official_state_dict(state, cifs_args(softmax_scale=1.0))
+    assert not any("softmax_scale" in n for n in official_notes)
+    assert any("softmax_scale=1" in n and "differ" in n for n in other_notes)
+
+
+# --- refusals: one line, naming what does not fit ----------------------------------------------
+
+def resnet18_case(method: str, **overrides):
+    """(a filled official ResNet-18 state dict of the method, its official_state_dict, our args)."""
+    if method == "fsr":
+        args = fsr_args(**({"model": "resnet18"} | overrides))
+        return filled(official_resnet18() | official_fsr_module(512, 10)), fsr.official_state_dict, args
+    return filled(official_resnet18(cifs_probes=True)), cifs.official_state_dict, cifs_args(**overrides)
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(ValueError) as error:
+        call()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("method", ["fsr", "cifs"])
+def test_an_unknown_official_key_is_an_error_naming_it(method):
+    state, call, args = resnet18_case(method)
+    state["layer4.1.attention.weight"] = torch.zeros(3)
+    message = one_line_error(lambda: call(state, args))
+    assert "1 key(s)" in message and "'layer4.1.attention.weight'" in message
+
+
+@pytest.mark.parametrize("method", ["fsr", "cifs"])
+def test_a_missing_official_key_is_an_error_naming_our_key(method):
+    state, call, args = resnet18_case(method)
+    absent, ours = {"fsr": ("recalibration.rec_net.4.weight", "inserted.layer4_1.recalibration.4.weight"),
+                    "cifs": ("layer4.1.Probe.Probe.1.bias", "inserted.layer4_1.head.0.bias")}[method]
+    del state[absent]
+    message = one_line_error(lambda: call(state, args))
+    assert "1 key(s) of our network" in message and repr(ours) in message
+
+
+def test_many_unknown_keys_are_counted_and_the_first_named():
+    state = filled(official_resnet18() | official_fsr_module(512, 10))
+    state |= {f"extra.{i}.weight": torch.zeros(1) for i in range(9)}
+    message = one_line_error(lambda: fsr.official_state_dict(state, fsr_args("resnet18")))
+    assert "'extra.0.weight'" in message and "(9 in all)" in message
+
+
+def test_a_wrong_class_count_is_refused():
+    state = filled(official_resnet18(num_classes=100) | official_fsr_module(512, 100))
+    message = one_line_error(lambda: fsr.official_state_dict(state, fsr_args("resnet18")))
+    assert "100 classes" in message and "'linear.weight'" in message and "this network 10" in message
+    # The same checkpoint for a 100-class dataset loads.
+    fsr.official_state_dict(state, fsr.resolve(fsr.Args(dataset="cifar100", model="resnet18")))
+    # The official CIFS ResNet-18 has 10 classes written into its code: a 100-class network cannot hold it.
+    cifs_state = filled(official_resnet18(cifs_probes=True))
+    message = one_line_error(lambda: cifs.official_state_dict(cifs_state, cifs_args(dataset="cifar100")))
+    assert "10 classes" in message and "'cifar100' has 100" in message
+
+
+def test_a_shape_mismatch_names_the_key_and_both_shapes():
+    state = filled(official_resnet18(cifs_probes=True))
+    message = one_line_error(lambda: cifs.official_state_dict(state, cifs_args(hidden=240)))
+    assert "'layer4.0.Probe.Probe.0.fc.weight'" in message and "'inserted.layer4_0.head.0.weight'" in message
+    assert "(128, 512) in the checkpoint, (240, 512) here" in message
+
+
+@pytest.mark.parametrize("method, overrides, expected", [
+    ("fsr", dict(model="wrn28_10"), "no 'wrn28_10'"),
+    ("fsr", dict(positions="layer3,layer4"), "one FSR module at 'layer4'"),
+    ("fsr", dict(no_recalibration=True), "--no-recalibration"),
+    ("cifs", dict(model="wrn28_10"), "trains resnet18"),
+    ("cifs", dict(probes="linear,linear"), "MLP probe after layer4.0"),
+])
+def test_layouts_the_official_code_does_not_have_are_refused(method, overrides, expected):
+    state, call, args = resnet18_case(method, **overrides)
+    assert expected in one_line_error(lambda: call(state, args))
+
+
+def test_something_that_is_not_a_state_dict_is_refused():
+    message = one_line_error(lambda: fsr.official_state_dict({"epoch": 3}, fsr_args("resnet18")))
+    assert "not a state dict" in message
