@@ -159,8 +159,7 @@ DEFAULT_POSITIONS = {
 # resnet_CIFS.py, multiply by 2); 1 for WRN-28-10 (its module and the final release comment the
 # factor out) and for backbones the paper did not use.
 SOFTMAX_SCALE = {"resnet18": 2.0, "resnet10": 2.0}
-# What the console and curves.png call the losses, and what the training accuracy measures.
-LOSS_NAMES = ("loss", "cls", "probe")
+# What the training accuracy measures (said next to it on the console and in curves.png).
 TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's logit"
 
 
@@ -722,8 +721,6 @@ def check_args(args: Args) -> None:
                          f"(0: train on all of them, as both papers)")
     if args.monitor_size < 0:
         raise ValueError(f"--monitor-size {args.monitor_size} must not be negative (0: no monitoring)")
-    if args.resume and args.init_from:
-        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
     check_device(args.device)
     check_method_args(args)
 
@@ -1028,6 +1025,7 @@ def in_process_group(body, args: Args, log):
 
 
 MONITOR_SEED = 0  # the monitored test images are the same for every run (comparable curves)
+LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
 
 
 def load_splits(args: Args, log):
@@ -1114,6 +1112,10 @@ def write_metrics(run_dir: str, history: list) -> None:
 
 def run(args: Args, log, rank: int, world_size: int) -> dict:
     """train() in process `rank` of `world_size` (0 of 1 without torchrun)."""
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     args = resumed_settings(args, checkpoint, log) if checkpoint else resolve(args)
     check_args(args)
@@ -1274,13 +1276,21 @@ def draw_curves(run_dir: str, log) -> None:
 
 
 def plot_training_curves(run_dirs: list, path: str) -> bool:
-    """A PNG of each run's metrics.jsonl against epochs: losses, training accuracy, and the
-    held-out / monitored clean and PGD accuracy; several runs are overlaid (one colour each).
-    Returns False, drawing nothing, when matplotlib is not installed (it is never required)."""
+    """training_curves_figure as a PNG; False, drawing nothing, without matplotlib."""
+    figure = training_curves_figure(run_dirs)
+    if figure is not None:
+        figure.savefig(path, dpi=90)
+    return figure is not None
+
+
+def training_curves_figure(run_dirs: list):
+    """Each run's metrics.jsonl against epochs: losses, training accuracy, and the held-out /
+    monitored clean and PGD accuracy; several runs are overlaid (one colour each). None when
+    matplotlib is not installed (it is never required)."""
     try:
         from matplotlib.figure import Figure  # the object-oriented API: no pyplot state, no display
     except ImportError:
-        return False
+        return None
     figure = Figure(figsize=(15, 4), layout="constrained")
     axes = figure.subplots(1, 3)
     for index, run_dir in enumerate(run_dirs):
@@ -1288,7 +1298,7 @@ def plot_training_curves(run_dirs: list, path: str) -> bool:
             lines = [json.loads(line) for line in file if line.strip()]
         colour, label = f"C{index}", os.path.basename(os.path.normpath(run_dir))
         epochs = [m["epoch"] for m in lines]
-        for style, name in zip(("-", "--", ":", "-."), [n for n in lines[-1] if n in LOSS_NAMES] if lines else []):
+        for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
             axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
         axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
         for marker, name in (("o", "monitor"), ("s", "val")):
@@ -1305,8 +1315,7 @@ def plot_training_curves(run_dirs: list, path: str) -> bool:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize="x-small")
-    figure.savefig(path, dpi=90)
-    return True
+    return figure
 
 
 def forward_equivalents(args: Args) -> int:

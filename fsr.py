@@ -141,8 +141,7 @@ DEFAULTS = {
 # fourth conv stage of VGG16 before its max-pool, the last group of WRN-34-10 with its BN-ReLU).
 DEFAULT_POSITIONS = {"resnet18": "layer4", "resnet10": "layer4", "resnet50": "layer4", "vgg16": "stage4",
                      "wrn34_10": "final", "wrn28_10": "final", "smallcnn": "conv3"}
-# What the console and curves.png call the losses, and what the training accuracy measures.
-LOSS_NAMES = ("loss", "cls", "sep", "rec")
+# What the training accuracy measures (said next to it on the console and in curves.png).
 TRAIN_ACCURACY_NOTE = "training batches, train mode: Gumbel-noise masks"
 
 
@@ -588,8 +587,6 @@ def check_args(args: Args) -> None:
                          f"(0: train on all of them, as both papers)")
     if args.monitor_size < 0:
         raise ValueError(f"--monitor-size {args.monitor_size} must not be negative (0: no monitoring)")
-    if args.resume and args.init_from:
-        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
     check_device(args.device)
     check_method_args(args)
 
@@ -894,6 +891,7 @@ def in_process_group(body, args: Args, log):
 
 
 MONITOR_SEED = 0  # the monitored test images are the same for every run (comparable curves)
+LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
 
 
 def load_splits(args: Args, log):
@@ -980,6 +978,10 @@ def write_metrics(run_dir: str, history: list) -> None:
 
 def run(args: Args, log, rank: int, world_size: int) -> dict:
     """train() in process `rank` of `world_size` (0 of 1 without torchrun)."""
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     args = resumed_settings(args, checkpoint, log) if checkpoint else resolve(args)
     check_args(args)
@@ -1140,13 +1142,21 @@ def draw_curves(run_dir: str, log) -> None:
 
 
 def plot_training_curves(run_dirs: list, path: str) -> bool:
-    """A PNG of each run's metrics.jsonl against epochs: losses, training accuracy, and the
-    held-out / monitored clean and PGD accuracy; several runs are overlaid (one colour each).
-    Returns False, drawing nothing, when matplotlib is not installed (it is never required)."""
+    """training_curves_figure as a PNG; False, drawing nothing, without matplotlib."""
+    figure = training_curves_figure(run_dirs)
+    if figure is not None:
+        figure.savefig(path, dpi=90)
+    return figure is not None
+
+
+def training_curves_figure(run_dirs: list):
+    """Each run's metrics.jsonl against epochs: losses, training accuracy, and the held-out /
+    monitored clean and PGD accuracy; several runs are overlaid (one colour each). None when
+    matplotlib is not installed (it is never required)."""
     try:
         from matplotlib.figure import Figure  # the object-oriented API: no pyplot state, no display
     except ImportError:
-        return False
+        return None
     figure = Figure(figsize=(15, 4), layout="constrained")
     axes = figure.subplots(1, 3)
     for index, run_dir in enumerate(run_dirs):
@@ -1154,7 +1164,7 @@ def plot_training_curves(run_dirs: list, path: str) -> bool:
             lines = [json.loads(line) for line in file if line.strip()]
         colour, label = f"C{index}", os.path.basename(os.path.normpath(run_dir))
         epochs = [m["epoch"] for m in lines]
-        for style, name in zip(("-", "--", ":", "-."), [n for n in lines[-1] if n in LOSS_NAMES] if lines else []):
+        for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
             axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
         axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
         for marker, name in (("o", "monitor"), ("s", "val")):
@@ -1171,8 +1181,7 @@ def plot_training_curves(run_dirs: list, path: str) -> bool:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize="x-small")
-    figure.savefig(path, dpi=90)
-    return True
+    return figure
 
 
 def forward_equivalents(args: Args) -> int:
