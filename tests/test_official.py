@@ -291,3 +291,20 @@ def test_layouts_the_official_code_does_not_have_are_refused(method, overrides, 
 def test_something_that_is_not_a_state_dict_is_refused():
     message = one_line_error(lambda: fsr.official_state_dict({"epoch": 3}, fsr_args("resnet18")))
     assert "not a state dict" in message
+
+
+def test_init_from_reads_an_official_checkpoint(tmp_path):
+    """--init-from with the CIFS script's checkpoint: the run starts from the authors' weights (a
+    learning rate of 1e-30 leaves them in place for the comparison) and says what it read."""
+    state = filled(official_resnet18(cifs_probes=True))
+    torch.save({"state_dict": state, "stop_epoch": 0, "optimizer": {}}, tmp_path / "ckp_latest.pt")
+    lines = []
+    cifs.train(cifs.Args(dataset="synthetic", model="resnet18", synthetic_size=20, batch_size=10, epochs=1,
+                         strategy="natural", lr=1e-30, momentum=0.0, weight_decay=0.0, monitor_size=0,
+                         device="cpu", init_from=str(tmp_path / "ckp_latest.pt"), runs_dir=str(tmp_path),
+                         run_name="warm", log_interval=1e9), log=lines.append)
+    warm = cifs.load_checkpoint(str(tmp_path / "warm" / "last.pt"))["model"]
+    assert torch.equal(warm["stem.0.weight"], state["conv1.weight"])
+    assert torch.equal(warm["inserted.layer4_1.head.0.weight"], state["layer4.1.Probe.Probe.1.weight"])
+    assert any(line.startswith("--init-from: read the checkpoint's 'state_dict' entry") for line in lines)
+    assert any(line.startswith("initialised the weights from") for line in lines)
