@@ -2,7 +2,7 @@
 
 Paper:  H. Yan, J. Zhang, G. Niu, J. Feng, V. Y. F. Tan, M. Sugiyama, "CIFS: Improving Adversarial
         Robustness of CNNs via Channel-wise Importance-based Feature Selection", ICML 2021
-        (appendix: ../shared/papers/cifs_appendix.txt; SPEC.md §4).
+        (arXiv:2102.05311; its appendix is cited below as "appendix B.1", "Table B.3", ...).
 Code:   https://github.com/HanshuYAN/CIFS (the official implementation; differences are listed in
         comments marked "Official code:" or "Difference" and in README.md).
 
@@ -164,18 +164,19 @@ TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's
 
 
 # =============================================================================================
-# CIFS module (paper §3, SPEC §4)
+# CIFS module (paper §3)
 # =============================================================================================
 #
 # Differences from the official code (HanshuYAN/CIFS), all deliberate:
-#   * the probe has K = the dataset's number of classes (the ResNet-18 code hard-codes 10; SPEC §7);
+#   * the probe has K = the dataset's number of classes (models/nets/resnet_CIFS.py hard-codes 10 in the
+#     ResNet-18's `CSAFRBlock`);
 #   * the relevance is the gradient w.r.t. the pooled vector u itself, not the spatial sum of the
 #     gradient w.r.t. the feature map: identical value (u is a spatial mean and the probe sees z
 #     only through u, so sum_hw dS/dz[:, :, h, w] = dS/du), one spatial backward less;
 #   * create_graph=True only in train mode: in eval mode nothing trains, the mask value is the
 #     same, and attacks (input-only gradients) treat the mask as a constant either way;
 #   * the relevance runs inside torch.enable_grad(), so evaluation under torch.no_grad() and
-#     AutoAttack work (the official module breaks there; SPEC §4);
+#     AutoAttack work (the official `_get_mask_with_graph` fails there: z has no graph to differentiate);
 #   * labels reach the module through `cifs_labels(model, y)` instead of a forward argument,
 #     because `Network` calls inserted modules as `module(feature)`;
 #   * the mask is computed in fp32 (relevant only under autocast) and cast back to z's dtype;
@@ -187,7 +188,7 @@ MASK_FUNCTIONS = ("softmax", "sigmoid", "softplus")
 
 
 def make_probe_head(channels: int, num_classes: int, probe: str, hidden: int) -> nn.Sequential:
-    """The probe after global average pooling (SPEC §4): Linear(C, K), or
+    """The probe after global average pooling (CIFS appendix E.4): Linear(C, K), or
     Linear(C, hidden)-Softplus(beta=5)-Linear(hidden, K). hidden = 128 (ResNet), 240 (WRN-28-10)."""
     if probe == "linear":
         return nn.Sequential(nn.Linear(channels, num_classes))
@@ -201,7 +202,7 @@ def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = No
 
     labels=None (eval mode, test time): the top-k classes of the probe logits q (paper: top-2).
     With labels (train mode): the true label takes the place of rank 1, the rest are ranks
-    2..k of q. This is SPEC §4's "y and the rank-2 class of q" read literally, and exactly what
+    2..k of q. For k = 2 this is y and the rank-2 class of q, exactly what
     the official code does (it indexes `topk(q, 2)[1][:, 1]` next to y): when y is itself rank 2
     it is selected twice (S counts q_y twice, so g = 2 dq_y/du); when y ranks below 2, rank 1 is
     skipped. We keep it because the published numbers were trained this way; the alternative
@@ -214,11 +215,11 @@ def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = No
 
 
 def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) -> torch.Tensor:
-    """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 (SPEC §4).
+    """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 (CIFS §3).
 
     softmax: softmax_scale * softmax over channels (final release 1; paper-era ResNet-18 2 = k);
     sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g) (appendix A "CIFS-sigmoid/softplus";
-    SPEC §4's best reading of the authors' experiments, their code for these is not public).
+    our best reading of the authors' experiments, their code for these is not public).
     """
     g = g.float()
     if mask_fn == "softmax":
@@ -243,7 +244,7 @@ class CIFS(nn.Module):
       m = IMGF(g), g = dS/du: the gradient of S (sum over the batch of the selected probe logits,
         see `select_classes`) w.r.t. the pooled vector u, taken on a detached copy of u (CIFS
         Eq. 2 and §3.2). The mask therefore has no gradient path to z: the backbone gets
-        d(z*m)/dz = m, and input-gradient attacks see the mask as a constant (SPEC §4). In train
+        d(z*m)/dz = m, and input-gradient attacks see the mask as a constant. In train
         mode the gradient keeps its graph (create_graph) so the probe also learns through the
         mask (second-order path); in eval mode it does not.
 
@@ -331,7 +332,7 @@ def cifs_labels(model: nn.Module, labels: torch.Tensor):
 
 
 def resolve(args: Args) -> Args:
-    """Fill every None setting with the paper default of the dataset and backbone (SPEC.md §1-2)."""
+    """Fill every None setting with the paper default of the dataset and backbone (CIFS appendices B-D)."""
     info = dataset_info(args.dataset)
     defaults = DEFAULTS[args.dataset]
     values = dict(model=defaults["model"], epochs=defaults["epochs"], lr=defaults["lr"],
@@ -439,7 +440,7 @@ def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
 
 
 # =============================================================================================
-# Losses (CIFS Eq. 3; SPEC.md §4)
+# Losses (CIFS Eq. 3)
 # =============================================================================================
 
 
@@ -469,7 +470,7 @@ def cifs_loss(logits: torch.Tensor, emitted: list, y: torch.Tensor, beta: float 
 
 def joint_attack_loss(beta: float = 2.0):
     """Per-example CE(final) + (beta / L_c) * sum_l CE(p_l), in fp32: the loss the CIFS training
-    attack maximises (SPEC §4; the adaptive attack of Table B.3 with beta_atk = beta).
+    attack maximises (CIFAR10_Res18_CIFS.py; the adaptive attack of Table B.3 with beta_atk = beta).
     For `attacks.pgd`, which passes the raw model output (logits, emitted)."""
     def loss_fn(output, y: torch.Tensor) -> torch.Tensor:
         logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
@@ -486,7 +487,7 @@ def joint_attack_loss(beta: float = 2.0):
 
 def trades_loss(logits_clean, logits_adv, y, beta):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL_batchmean(p(x) || p(x')); the clean
-    distribution is not detached (SPEC.md §5)."""
+    distribution is not detached (as in the authors' yaodongyu/TRADES trades.py)."""
     kl = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_clean.float(), 1), reduction="batchmean")
     return F.cross_entropy(logits_clean.float(), y) + beta * kl
 
@@ -504,7 +505,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
 
 
 def classification_loss(strategy, logits, y, logits_clean, args):
-    """L_cls of the strategy on the final logits (SPEC.md §5). `logits` are those of the training
+    """L_cls of the strategy on the final logits. `logits` are those of the training
     batch (adversarial, or clean for `natural`); `logits_clean` only for TRADES and MART."""
     if strategy == "trades":
         return trades_loss(logits_clean, logits, y, args.trades_beta)
@@ -552,7 +553,7 @@ def craft_adversarial(model, x, y, args, epoch, attack_loss):
 
 
 def forward(model, x, y):
-    """The parameter-update forward: in train mode CIFS uses the true label's logit (SPEC.md §4)."""
+    """The parameter-update forward: in train mode CIFS uses the true label's logit (see `select_classes`)."""
     with cifs_labels(model, y):
         return model(x)
 
@@ -571,7 +572,7 @@ def objective(loss_cls, logits, emitted, y, args):
 
 def attack_loss(args):
     """The training attack maximises the joint loss of Eq. 3, CE(final) + (beta / L_c) sum_l CE(p_l),
-    with the training beta (2; SPEC.md §4), in eval mode; vanilla models (no probes) get plain CE."""
+    with the training beta (2, appendix B.1), in eval mode; vanilla models (no probes) get plain CE."""
     return joint_attack_loss(args.beta)
 
 

@@ -1,7 +1,7 @@
 """FSR: Feature Separation and Recalibration for adversarial robustness, one file.
 
 Paper:  W. J. Kim, Y. Cho, J. Jung, S.-E. Yoon, "Feature Separation and Recalibration for
-        Adversarial Robustness", CVPR 2023 (../shared/papers/fsr.txt; SPEC.md §3).
+        Adversarial Robustness", CVPR 2023 (arXiv:2303.13846, with the appendix).
 Code:   https://github.com/wkim97/FSR (the official implementation; differences are listed in
         comments marked "Official code:" and in README.md).
 
@@ -146,13 +146,13 @@ TRAIN_ACCURACY_NOTE = "training batches, train mode: Gumbel-noise masks"
 
 
 # =============================================================================================
-# The FSR module (paper §3; SPEC.md §3)
+# The FSR module (paper §3)
 # =============================================================================================
 
 
 def conv_net(channels: int, hidden: int) -> nn.Sequential:
     """conv3x3(C->h)-BN-ReLU-conv3x3(h->h)-BN-ReLU-conv3x3(h->C), no biases (official code).
-    Used for both S and R. The paper text ends R with conv-BN-ReLU; SPEC.md §3: follow the code."""
+    Used for both S and R. The paper text (§4.1) ends R with conv-BN-ReLU; we follow the code."""
     return nn.Sequential(
         nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
         nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
@@ -232,7 +232,7 @@ def pool(feature: torch.Tensor) -> torch.Tensor:
 
 
 def resolve(args: Args) -> Args:
-    """Fill every None setting with the paper default of the dataset (SPEC.md §1)."""
+    """Fill every None setting with the paper default of the dataset (FSR §4.1; official train.py, run.sh)."""
     info = dataset_info(args.dataset)
     defaults = DEFAULTS[args.dataset]
     values = dict(model=defaults["model"], epochs=defaults["epochs"], lr=defaults["lr"],
@@ -360,7 +360,7 @@ def fsr_loss(logits: torch.Tensor, emitted: list, y: torch.Tensor, args: Args):
 
 def trades_loss(logits_clean, logits_adv, y, beta):
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL_batchmean(p(x) || p(x')); the clean
-    distribution is not detached (SPEC.md §5)."""
+    distribution is not detached (as in the authors' yaodongyu/TRADES trades.py)."""
     kl = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_clean.float(), 1), reduction="batchmean")
     return F.cross_entropy(logits_clean.float(), y) + beta * kl
 
@@ -378,7 +378,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
 
 
 def classification_loss(strategy, logits, y, logits_clean, args):
-    """L_cls of the strategy on the final logits (SPEC.md §5). `logits` are those of the training
+    """L_cls of the strategy on the final logits. `logits` are those of the training
     batch (adversarial, or clean for `natural`); `logits_clean` only for TRADES and MART."""
     if strategy == "trades":
         return trades_loss(logits_clean, logits, y, args.trades_beta)
@@ -437,7 +437,7 @@ def objective(loss_cls, logits, emitted, y, args):
 
 
 def attack_loss(args):
-    """The training attack of FSR maximises CE on the final logits only (SPEC.md §3)."""
+    """The training attack of FSR maximises CE on the final logits only (official attacks/pgd.py)."""
     return attacks.cross_entropy_loss
 
 

@@ -3,7 +3,7 @@
 Two things live here, and nothing method-specific:
 
 1. Backbones (CIFAR-style: 3x3 stem at stride 1, no max-pool) that take images in [0, 1] with
-   no mean/std normalisation (SPEC.md §0; both official codes feed `ToTensor()` output straight
+   no mean/std normalisation (both official codes feed `ToTensor()` output straight
    in). Every backbone is a `Network`: a flat, named sequence of *units* (the stem, each residual
    block, each conv stage, ...) followed by a head. A method file puts its module at a named
    position with `net.insert(position, module)`; see `Network` for the contract. Each backbone is
@@ -58,7 +58,7 @@ class Network(nn.Module):
       - a stage name ("layer4", "block3"): after the last unit of that stage;
       - "<pre-activation block>.branch" (WRN units only, e.g. "block3.3.branch"): inside the block,
         on the pre-activated branch input relu(bn(x)) before its first conv; the shortcut keeps
-        the unmasked input (the CIFS WRN-28-10 "P2" position, SPEC.md §2).
+        the unmasked input (the CIFS WRN-28-10 "P2" position, official models/nets/wide_resnet_CIFS.py).
     `net.feature_shapes[position]` gives the (C, H, W) a module at that position sees.
 
     Subclasses build their layers as ordinary attributes (so state-dict keys read like the usual
@@ -266,7 +266,7 @@ class ResNet(Network):
 
 
 class VGG16(Network):
-    """Units: "stage1", "pool1", ..., "stage5", "pool5". FSR goes at "stage4" (SPEC.md §2).
+    """Units: "stage1", "pool1", ..., "stage5", "pool5". FSR goes at "stage4" (FSR §4.1, models/vgg_fsr.py).
 
     Conv layers keep their bias (as in the FSR code's VGG); classifier
     Linear(512,512)-ReLU-Linear(512,512)-ReLU-Linear(512,K), no dropout: 15.25 M parameters.
@@ -323,7 +323,7 @@ class PreActBlock(nn.Module):
         emitted = None
         if branch_module is not None:
             pre, emitted = branch_module(pre)  # only the branch sees the modified input
-        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))  # dropout 0 (SPEC.md §2)
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))  # dropout 0 (dropRate=0.0 in both official WRNs)
         out = skip + out
         return out if branch_module is None else (out, emitted)
 
@@ -617,7 +617,7 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 #
 # Everything is stored as uint8 N x C x H x W on the CPU (4x smaller than
 # float32, exactly what the files contain) and only turned into float32 in
-# [0, 1] per batch. No mean/std normalisation anywhere (SPEC section 0).
+# [0, 1] per batch. No mean/std normalisation anywhere (as in both official codes).
 # =============================================================================
 
 
@@ -632,15 +632,15 @@ class DatasetInfo:
     train_size: int  # images in the full training split (for epoch-time estimates)
 
 
-# The ONE table of per-dataset facts (SPEC section 1). Everything else (model
+# The ONE table of per-dataset facts (FSR §4.1, CIFS appendices B-D). Everything else (model
 # input shape, default epsilon, default augmentation) should read from here.
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
-    # SPEC Decision: FSR trains SVHN without augmentation (the CIFS code crops +
+    # A decision of ours: no augmentation for SVHN, as FSR's train.py (the CIFS code crops +
     # flips); crop_flip stays available through the loader's `augment` flag.
     "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0, 73_257),
-    # SPEC Open: nothing published for Tiny ImageNet; we use the CIFAR recipe.
+    # Nothing is published for Tiny ImageNet's augmentation; we use the CIFAR recipe.
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4, 100_000),
     "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0, 60_000),
     # Offline stand-in for tests and demos; the shape can be overridden in load_dataset.

@@ -1,4 +1,4 @@
-"""cifs.py as a training script (SPEC.md §1, §2, §4, §5): per-dataset defaults, where the CIFS
+"""cifs.py as a training script: per-dataset defaults, where the CIFS
 modules go, the losses of every strategy by hand, the training attack, the training step, short
 learning runs on synthetic data, warm start, resume, errors, benchmark and the command line.
 
@@ -72,7 +72,7 @@ def synthetic_batch(n=16, seed=0):
 
 
 # =============================================================================================
-# 1. Defaults per dataset (SPEC.md §1, §2)
+# 1. Defaults per dataset (CIFS appendices B-D)
 # =============================================================================================
 
 
@@ -107,7 +107,7 @@ def test_svhn_defaults():
     assert a.model == "resnet18" and a.weight_decay == 5e-4 and a.lr == 0.01
     assert a.epochs == 120 and a.milestones == "75,90"
     assert a.attack_steps == 10 and a.attack_step_size == pytest.approx(8 / 255 / 4)  # CIFS: eps/4
-    assert a.augment == "none"  # SPEC §1 Decision
+    assert a.augment == "none"  # a decision of ours, as FSR's train.py
     assert a.positions == "layer4.0,layer4.1"
 
 
@@ -144,7 +144,7 @@ def test_explicit_flags_override_every_default():
 
 
 # =============================================================================================
-# 2. Hosting: where the modules go (SPEC.md §2)
+# 2. Hosting: where the modules go (CIFS appendix E.3; official resnet_CIFS.py, wide_resnet_CIFS.py)
 # =============================================================================================
 
 
@@ -315,7 +315,7 @@ def test_hidden_flag_reaches_the_mlp_probe():
 
 
 # =============================================================================================
-# 4. Losses of every strategy by hand (CIFS Eq. 3, SPEC.md §5)
+# 4. Losses of every strategy by hand (CIFS Eq. 3)
 # =============================================================================================
 
 
@@ -424,7 +424,7 @@ def test_fat_tau_schedule_is_fats_adjust_tau_for_every_epoch():
 
 
 # =============================================================================================
-# 5. The training attack: the joint loss, in eval mode (SPEC.md §4)
+# 5. The training attack: the joint loss, in eval mode (official CIFAR10_Res18_CIFS.py)
 # =============================================================================================
 
 
@@ -514,7 +514,7 @@ def test_training_step_attacks_the_joint_loss(monkeypatch):
 
 
 # =============================================================================================
-# 6. The training step: labels for the update forward(s) only (SPEC.md §4, §5)
+# 6. The training step: labels for the update forward(s) only
 # =============================================================================================
 
 

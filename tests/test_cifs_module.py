@@ -1,4 +1,4 @@
-"""The CIFS module, its labels mechanism and losses (SPEC.md §4). CPU, a few seconds."""
+"""The CIFS module, its labels mechanism and losses (CIFS §3, Eq. 3). CPU, a few seconds."""
 
 import pytest
 import torch

@@ -41,7 +41,7 @@ def test_dataset_facts():
     c10, c100, svhn, tin, fm = (dataset_info(n) for n in ("cifar10", "cifar100", "svhn", "tinyimagenet", "fmnist"))
     assert (c10.num_classes, c10.shape, c10.epsilon, c10.augment, c10.padding) == (10, (3, 32, 32), 8 / 255, "crop_flip", 4)
     assert (c100.num_classes, c100.shape) == (100, (3, 32, 32))
-    assert (svhn.num_classes, svhn.augment, svhn.padding) == (10, "none", 0)  # SPEC Decision
+    assert (svhn.num_classes, svhn.augment, svhn.padding) == (10, "none", 0)  # a decision of ours (as FSR's train.py)
     assert (tin.num_classes, tin.shape, tin.epsilon, tin.augment) == (200, (3, 64, 64), 8 / 255, "crop_flip")
     assert (fm.num_classes, fm.shape, fm.epsilon, fm.augment) == (10, (1, 28, 28), 0.3, "none")
     for name, info in DATASETS.items():

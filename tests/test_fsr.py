@@ -372,7 +372,7 @@ def test_training_attack_sees_the_deterministic_mask_and_final_logits_only():
     assert loss_adv > loss_clean
 
 
-REFERENCE_ATTACKS = {  # SPEC.md §5, on a logits-only view of the model (the auxiliary heads cannot enter)
+REFERENCE_ATTACKS = {  # each strategy's own attack, on a logits-only view (the auxiliary heads cannot enter)
     "natural": lambda model, x, y, a: x,
     "at": lambda model, x, y, a: attacks.pgd(model, x, y, a.epsilon, a.attack_step_size, a.attack_steps,
                                              random_start_kind="uniform"),

@@ -49,7 +49,7 @@ def test_backbones_return_logits_and_empty_emits(name, shape, classes):
 def test_resnet10_takes_one_channel_and_has_the_cifs_feature_shapes():
     model = build_model("resnet10", 10, (1, 28, 28))
     assert model.stem[0].in_channels == 1
-    assert model.feature_shapes["layer3"] == (256, 7, 7)  # CIFS P2 on Fashion-MNIST (SPEC.md §2)
+    assert model.feature_shapes["layer3"] == (256, 7, 7)  # CIFS P2 on Fashion-MNIST (official ResNet10_3_4)
     assert model.feature_shapes["layer4"] == (512, 4, 4)  # CIFS P1
 
 
