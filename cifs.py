@@ -128,7 +128,7 @@ class Args:
     benchmark_steps: int = arg(20, "timed steps of --benchmark")
 
 
-# The published recipe per dataset (CIFS §5 and appendix; official CIFAR10_Res18_CIFS.py). Milestones
+# The published recipe per dataset (CIFS §4.1 and appendices B-D; official CIFAR10_Res18_CIFS.py). Milestones
 # are those of the official MultiStepLR([75, 90]), stepped after each epoch: 75 epochs at 0.1, then
 # 15 at 0.01 (the authors' log shows 0-indexed epoch 74 at 0.1 and epoch 75 at 0.01). Weight decay
 # 2e-4 for ResNet-18 and ResNet-10, 5e-4 for SVHN and WRN-28-10 (see resolve). Synthetic is a CPU demo.
@@ -142,7 +142,7 @@ DEFAULTS = {
     # (the authors' own natural ResNet-18 run sits at 10 % for its first 2 epochs), hence more steps.
     "synthetic": dict(model="smallcnn", epochs=20, lr=0.1, weight_decay=5e-4, milestones="14,17", attack_steps=5, step=1 / 4),
 }
-# (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe) (CIFS §5,
+# (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe) (CIFS §4.1,
 # appendix E.2): both blocks of ResNet-18's layer4, layer3 and layer4 of ResNet-10, the last block's
 # branch and the final BN-ReLU of WRN-28-10; other backbones mirror it on their last two units.
 DEFAULT_POSITIONS = {
