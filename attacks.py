@@ -512,6 +512,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
 # standard AutoAttack's Square uses the margin. Built here from pyautoattack's own classes: APGD
 # takes the loss and its gradient from a model adapter (the interface pyautoattack's TensorFlow
 # adapters implement, `is_tf_model=True`), Square from an overridden `margin_and_loss`.
+# Differences from the authors' copy: pyautoattack's current APGD and Square code rather than their
+# 2020 snapshot (same algorithms and budgets), and AutoAttack's checks (randomised, dynamic
+# defence, output range), which their copy drops, run and report their warnings.
 
 
 class LossAdapter:

@@ -1052,14 +1052,20 @@ def seed_summary(results: list, members: list) -> dict:
             "std": {c: statistics.stdev(v) for c, v in values.items()}, "std_kind": "sample (n - 1)"}
 
 
+def run_folder(result: dict) -> str:
+    """The folder of a result's checkpoint (its run name; also the stem of its JSON and CSV)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(result["checkpoint"]))) or "model"
+
+
 def row_name(run: dict, method: str) -> str:
     vanilla = run.get("no_fsr") or run.get("no_cifs")
     return f"{run['model']} {run['strategy']} " + ("(vanilla)" if vanilla else f"+ {method.upper()}")
 
 
 def markdown_table(results: list, summaries: list | None = None) -> str:
-    """One row per checkpoint (with its seed); after the rows of a configuration evaluated with
-    several seeds, its mean ± std row (summaries: (members, seed_summary) pairs)."""
+    """One row per checkpoint (its run folder, what it is, its seed); after the rows of a
+    configuration evaluated with several seeds, its mean ± std row (summaries: (members,
+    seed_summary) pairs)."""
     summaries = summaries or []
     columns = [c for c in TABLE_ORDER if any(c in r["accuracy"] for r in results)]
     lines = ["| model | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
@@ -1072,7 +1078,8 @@ def markdown_table(results: list, summaries: list | None = None) -> str:
         members, summary = group_of.get(index, ([index], None))
         for i in members:
             cells = [f"{100 * results[i]['accuracy'][c]:.2f}" if c in results[i]["accuracy"] else "" for c in columns]
-            name = f"{row_name(results[i]['run'], results[i]['method'])}, seed {results[i]['run']['seed']}"
+            run = results[i]["run"]
+            name = f"{run_folder(results[i])}: {row_name(run, results[i]['method'])}, seed {run['seed']}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             written.add(i)
         if summary is not None:
@@ -1116,7 +1123,8 @@ def plot_masking_report(report: dict, path: str) -> bool:
     for ax in axes[0]:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    figure.suptitle("gradient-masking report: " + ("all checks PASS" if report["passed"] else "a check FAILS"))
+    figure.suptitle(f"gradient-masking report (attacks {report.get('attack', STANDARD)}): "
+                    + ("all checks PASS" if report["passed"] else "a check FAILS"))
     figure.savefig(path, dpi=100)
     return True
 
@@ -1162,7 +1170,7 @@ def write_outputs(results: list, out: str, log=print) -> None:
     over seeds of every configuration evaluated with several seeds (seed_groups)."""
     os.makedirs(out, exist_ok=True)
     for r in results:
-        stem = os.path.join(out, os.path.basename(os.path.dirname(os.path.abspath(r["checkpoint"]))) or "model")
+        stem = os.path.join(out, run_folder(r))
         with open(stem + ".json", "w") as file:
             json.dump(r, file, indent=1, sort_keys=True)
         with open(stem + ".csv", "w", newline="") as file:

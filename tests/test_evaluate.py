@@ -176,8 +176,8 @@ def test_seeds_of_one_configuration_get_mean_and_std(tmp_path):
         assert group["std"][column] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two values
     table = (out / "table.md").read_text().splitlines()
     names = [line.split(" | ")[0] for line in table[2:]]
-    assert names == ["| smallcnn natural (vanilla), seed 0", "| smallcnn natural (vanilla), seed 1",
-                     "| smallcnn natural (vanilla), mean ± std (seeds 0, 1)", "| smallcnn natural (vanilla), seed 0"]
+    assert names == ["| s0: smallcnn natural (vanilla), seed 0", "| s1: smallcnn natural (vanilla), seed 1",
+                     "| smallcnn natural (vanilla), mean ± std (seeds 0, 1)", "| other: smallcnn natural (vanilla), seed 0"]
     assert f"{100 * group['mean']['fgsm']:.2f} ± {100 * group['std']['fgsm']:.2f}" in table[4]
 
 
