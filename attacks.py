@@ -1,6 +1,6 @@
 """L-infinity attacks used for adversarial training and evaluation by cifs.py, fsr.py, evaluate.py.
 
-Conventions (SPEC.md §0):
+Conventions:
   * images are in [0, 1]; every attack returns x_adv with ||x_adv - x||_inf <= eps and
     x_adv in [0, 1]; eps is in image units (8/255, not 8);
   * the model may return logits or `(logits, aux)`; losses receive the raw output, so a method
@@ -12,13 +12,16 @@ Conventions (SPEC.md §0):
     in bf16. Losses are computed in fp32 either way.
 
 Contents: losses (CE, C&W margin, KL) · attack_mode · pgd (random start, restarts, transforms) ·
-fgsm · trades_attack · mart_attack · fat_attack (FAT's early-stopped PGD) · ti_fgsm · di_fgsm
-(transfer attacks) · nattack (query-based) · autoattack (wrapper around the official `pyautoattack`).
+fgsm · trades_attack · mart_attack · fat_attack (FAT's early-stopped PGD) · ti_fgsm, ti_i_fgsm,
+di_fgsm (transfer attacks) · nattack (query-based) · autoattack (standard AutoAttack) and
+autoattack_cifs (the CIFS authors' protocol), both through `pyautoattack`, a PyPI repackaging of
+the AutoAttack authors' code (fra31/auto-attack) with identical attack code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from typing import Callable
@@ -56,7 +59,8 @@ def attack_mode(model: nn.Module):
     """Eval mode and frozen parameters for the duration of an attack, then the exact previous
     state back: each submodule's own `training` flag and each parameter's `requires_grad`.
 
-    Eval mode: attacks must see BatchNorm running statistics and never update them (SPEC.md §0).
+    Eval mode: attacks must see BatchNorm running statistics and never update them (both authors'
+    test scripts call `net.eval()` before attacking).
     Frozen parameters: autograd then builds no weight-gradient graph at all, so an attack step
     costs one forward and one input-only backward.
     """
@@ -88,7 +92,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def random_start(x: torch.Tensor, eps: float, kind: str | bool | None) -> torch.Tensor:
     """'uniform': x + U(-eps, eps) (Madry AT); 'normal': x + 0.001 N(0, I) (TRADES, MART);
-    None/False: x itself (the evaluation protocol of both papers, SPEC.md §6)."""
+    None/False: x itself (the evaluation protocol of both papers: `rand_init=False` in
+    wkim97/FSR test.py and HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py)."""
     if kind is True or kind == "uniform":
         return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
     if kind == "normal":
@@ -108,7 +113,8 @@ def cross_entropy_loss(output, y: torch.Tensor) -> torch.Tensor:
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
-    """C&W margin loss -max(z_y - max_{j != y} z_j + kappa, 0) (SPEC.md §6, kappa = 50).
+    """C&W margin loss -max(z_y - max_{j != y} z_j + kappa, 0), kappa = 50 (`_cw_loss` with
+    confidence 50 in both authors' test scripts).
     Maximising it pushes the true logit below the best other one by up to kappa."""
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -182,7 +188,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 
 # ---------------------------------------------------------------------------------------------
-# The training attacks of TRADES, MART and FAT (SPEC.md §5)
+# The training attacks of TRADES, MART and FAT
 # ---------------------------------------------------------------------------------------------
 
 
@@ -260,38 +266,74 @@ def gaussian_kernel(size: int, nsig: float = 3.0) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def ti_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
-            step_size: float | None = None, kernel_size: int = 7) -> torch.Tensor:
-    """Translation-invariant iterative FGSM (Dong et al. 2019): the input gradient is smoothed by
-    a Gaussian kernel before the sign. Kernel 7 for 32-pixel images (the paper's 15 is for
-    ImageNet), 10 steps of eps/10 by default (FSR gives no settings: SPEC.md §6, Open)."""
-    channels = x.shape[1]
-    kernel = gaussian_kernel(kernel_size).to(x.device, x.dtype).expand(channels, 1, kernel_size, kernel_size)
+def smoothed_gradient(channels: int, kernel_size: int, like: torch.Tensor) -> Callable:
+    """grad -> W * grad: each channel convolved with the normalised Gaussian W (TI, Dong et al. 2019)."""
+    kernel = gaussian_kernel(kernel_size).to(like.device, like.dtype).expand(channels, 1, kernel_size, kernel_size)
+
     def smooth(grad):
         return F.conv2d(grad, kernel, padding=kernel_size // 2, groups=channels)
-    return pgd(model, x, y, eps, step_size or eps / steps, steps, random_start_kind=None, grad_transform=smooth)
+    return smooth
 
 
-def input_diversity(x: torch.Tensor, prob: float = 0.5, resize_rate: float = 0.9) -> torch.Tensor:
-    """DI-FGSM's random transform (Xie et al. 2019): with probability `prob`, shrink the batch to
-    a random size in [resize_rate * size, size) and zero-pad it back at a random offset."""
+def ti_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kernel_size: int = 7) -> torch.Tensor:
+    """TI-FGSM (Dong et al. 2019, "Evading defenses to transferable adversarial examples by
+    translation-invariant attacks"): ONE FGSM step x + eps * sign(W * grad_x CE), W a
+    Gaussian kernel. FSR gives no settings: kernel 7 for 32-pixel images (the paper's 15 is for
+    299-pixel ImageNet images)."""
+    return pgd(model, x, y, eps, eps, 1, random_start_kind=None,
+               grad_transform=smoothed_gradient(x.shape[1], kernel_size, x))
+
+
+def ti_i_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+              step_size: float | None = None, kernel_size: int = 7) -> torch.Tensor:
+    """TI-I-FGSM: the iterative form (I-FGSM, no momentum) with the same smoothed gradient at every
+    step; 10 steps of eps/10 by default (not in FSR; evaluate.py --ti-iterative)."""
+    return pgd(model, x, y, eps, step_size or eps / steps, steps, random_start_kind=None,
+               grad_transform=smoothed_gradient(x.shape[1], kernel_size, x))
+
+
+# DI's ImageNet sizes (Xie et al. 2019, "Improving transferability of adversarial examples with
+# input diversity", and their released code): a 299-pixel image is resized
+# to rnd x rnd, rnd uniform in [299, 330), then zero-padded at a random offset to 330 x 330.
+DI_RESIZE_RATE = 330 / 299
+# torchattacks' DIFGSM instead shrinks to [0.9 size, size) and pads back to the input size.
+DI_SHRINK_RATE = 0.9
+
+
+def input_diversity(x: torch.Tensor, prob: float = 0.5, resize_rate: float = DI_RESIZE_RATE,
+                    interpolation: str = "nearest") -> torch.Tensor:
+    """DI's random transform T(x; p) (Xie et al. 2019): with probability `prob`, resize the batch to
+    rnd x rnd and zero-pad it at a random offset. resize_rate >= 1 (default, the DI paper): rnd in
+    [size, floor(size * rate)), padded to floor(size * rate), so the output is larger than the
+    input (every network here pools adaptively); resize_rate < 1 (torchattacks' convention): rnd
+    in [floor(size * rate), size), padded back to size. `interpolation`: "nearest" as the DI paper's
+    released code, "bilinear" as torchattacks."""
     if torch.rand(()) >= prob:
         return x
     height, width = x.shape[-2:]
-    scale = float(torch.empty(()).uniform_(resize_rate, 1.0))
-    new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
-    small = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    top = int(torch.randint(0, height - new_h + 1, ()))
-    left = int(torch.randint(0, width - new_w + 1, ()))
-    return F.pad(small, (left, width - new_w - left, top, height - new_h - top))
+    if resize_rate >= 1:  # enlarge, pad to the larger size
+        out_h, out_w = int(height * resize_rate), int(width * resize_rate)
+        new_h = int(torch.randint(height, max(height + 1, out_h), ()))
+    else:  # shrink, pad back to the input size
+        out_h, out_w = height, width
+        new_h = int(torch.randint(max(1, int(height * resize_rate)), height, ()))
+    new_w = min(out_w, max(1, round(new_h * width / height)))  # square images: new_w = new_h
+    out_h, out_w = max(out_h, new_h), max(out_w, new_w)
+    options = {} if interpolation == "nearest" else {"align_corners": False}
+    resized = F.interpolate(x, size=(new_h, new_w), mode=interpolation, **options)
+    top = int(torch.randint(0, out_h - new_h + 1, ()))
+    left = int(torch.randint(0, out_w - new_w + 1, ()))
+    return F.pad(resized, (left, out_w - new_w - left, top, out_h - new_h - top))
 
 
 def di_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
-            step_size: float | None = None, prob: float = 0.5, resize_rate: float = 0.9) -> torch.Tensor:
-    """Diverse-inputs iterative FGSM (Xie et al. 2019): every gradient is taken through a random
-    resize-and-pad of the input. Probability 0.5, 10 steps of eps/10 by default (SPEC.md §6, Open)."""
+            step_size: float | None = None, prob: float = 0.5, resize_rate: float = DI_RESIZE_RATE,
+            interpolation: str = "nearest") -> torch.Tensor:
+    """DI-FGSM as the DI paper defines it (its DI^2-FGSM, Xie et al. 2019): iterative FGSM
+    whose every gradient is taken through `input_diversity`. FSR gives no settings: 10 steps of
+    eps/10 and p = 0.5 (the DI paper's p for ImageNet) by default."""
     def diverse(inputs):
-        return input_diversity(inputs, prob, resize_rate)
+        return input_diversity(inputs, prob, resize_rate, interpolation)
     return pgd(model, x, y, eps, step_size or eps / steps, steps, random_start_kind=None, input_transform=diverse)
 
 
@@ -375,26 +417,45 @@ def nattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, max_
 
 
 # ---------------------------------------------------------------------------------------------
-# AutoAttack through the official implementation (Croce & Hein 2020; PyPI `pyautoattack`)
+# AutoAttack (Croce & Hein 2020) through `pyautoattack`
 # ---------------------------------------------------------------------------------------------
+#
+# `pyautoattack` (PyPI) is a third party's repackaging of the authors' code (fra31/auto-attack):
+# the attack code is identical, the API is keyword-only (Python >= 3.10) and progress goes through
+# the `auto-attack` logger. It is not the authors' own release; the authors distribute AutoAttack
+# through their GitHub repository only.
 
 
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
-               attacks: list[str] | None = None, seed: int = 0, batch_size: int = 500,
-               progress: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Run the official AutoAttack on a logits-only view of `model` in eval mode.
-
-    version 'standard' runs APGD-CE, APGD-T, FAB-T and Square; version 'custom' runs `attacks`.
-    Returns (x_adv, warnings): AutoAttack's own warnings (randomised or dynamic defence, output
-    range, Square stronger than the white-box attacks, ...) are collected for the report.
-    `progress=True` shows AutoAttack's per-attack progress lines on stderr.
-    """
-    check_epsilon(eps)
+def _pyautoattack():
+    """The pyautoattack package, imported on first use (training never needs it)."""
     try:
-        from pyautoattack import AutoAttack
+        import pyautoattack
+        import pyautoattack.autopgd_base
+        import pyautoattack.checks
+        import pyautoattack.square
     except ImportError as error:
-        raise ImportError("AutoAttack needs the official package: pip install pyautoattack") from error
+        raise ImportError("AutoAttack needs pyautoattack (a PyPI repackaging of fra31/auto-attack): "
+                          "pip install pyautoattack") from error
+    return pyautoattack
 
+
+def reset_dynamic_check() -> None:
+    """Zero the call counter of AutoAttack's dynamic-defence check.
+
+    `checks.check_dynamic` traces the model's forward and counts calls of functions named `grad`,
+    `backward` and `_make_grads` in a module-level dict that nothing ever resets (the same in
+    fra31/auto-attack). Once one model has computed a gradient inside its forward (CIFS does, by
+    design: its mask is a gradient), every later model in the same process would be reported as a
+    dynamic defence. Zeroing it before each run attributes the warning to the model at hand."""
+    counts = _pyautoattack().checks.funcs
+    for name in counts:
+        counts[name] = 0
+
+
+@contextlib.contextmanager
+def autoattack_log(progress: bool = False):
+    """Collect AutoAttack's warnings (yields the list they are appended to) and, with progress=True,
+    show its progress lines on stderr; the logger's previous state is restored on exit."""
     logger = logging.getLogger("auto-attack")
     warnings: list[str] = []
 
@@ -411,13 +472,108 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         logger.addHandler(printer)
     logger.setLevel(logging.DEBUG if progress else logging.WARNING)
     try:
-        with attack_mode(model):
-            adversary = AutoAttack(LogitsOnly(model), eps=eps, norm="Linf", version=version,
-                                   attacks=attacks if version == "custom" else None,
-                                   device=x.device, seed=seed)
-            x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
+        yield warnings
     finally:
         logger.removeHandler(collector)
         logger.removeHandler(printer)
         logger.setLevel(old_level)
+
+
+def run_adversary(adversary, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+                  progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """adversary.run_standard_evaluation on (x, y) with `model` in attack mode, after
+    `reset_dynamic_check`. Returns (x_adv, AutoAttack's warnings: randomised or dynamic defence,
+    output range, Square stronger than the white-box attacks, ...)."""
+    with autoattack_log(progress) as warnings, attack_mode(model):
+        reset_dynamic_check()
+        x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
     return x_adv.detach(), warnings
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
+               attacks: list[str] | None = None, seed: int = 0, batch_size: int = 500,
+               progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """AutoAttack on a logits-only view of `model` in eval mode: version 'standard' runs APGD-CE,
+    APGD-T, FAB-T and Square (the standard evaluation of FSR Tables 3-6), 'custom' runs `attacks`.
+    Returns (x_adv, warnings); `progress=True` shows AutoAttack's progress lines on stderr."""
+    check_epsilon(eps)
+    adversary = _pyautoattack().AutoAttack(LogitsOnly(model), eps=eps, norm="Linf", version=version,
+                                           attacks=attacks if version == "custom" else None,
+                                           device=x.device, seed=seed)
+    return run_adversary(adversary, model, x, y, batch_size, progress)
+
+
+# --- CIFS's own protocol (CIFS appendix B.1 and C, Tables B.1 and C.1) ---------------------------
+#
+# The CIFS authors evaluate with a modified AutoAttack (the `autoattack/` folder of HanshuYAN/CIFS):
+# APGD-CE with 5 restarts (100 iterations) followed by Square (5,000 queries, p_init 0.8, one
+# restart), both maximising the joint loss CE(final) + (beta / L_c) sum_l CE(p_l) with beta = 2,
+# success judged on the final logits; their Square minimises -(joint CE) (its `loss='ce'`), where
+# standard AutoAttack's Square uses the margin. Built here from pyautoattack's own classes: APGD
+# takes the loss and its gradient from a model adapter (the interface pyautoattack's TensorFlow
+# adapters implement, `is_tf_model=True`), Square from an overridden `margin_and_loss`.
+# Differences from the authors' copy: pyautoattack's current APGD and Square code rather than their
+# 2020 snapshot (same algorithms and budgets), and AutoAttack's checks (randomised, dynamic
+# defence, output range), which their copy drops, run and report their warnings.
+
+
+class LossAdapter:
+    """`model` seen through pyautoattack's model-adapter interface, with `loss_fn` (per-example, on
+    the raw output, like every loss of this file) as the loss that APGD climbs."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        self.model, self.loss_fn = model, loss_fn
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return logits_of(self.model(x))
+
+    def get_logits_loss_grad_xent(self, x: torch.Tensor, y: torch.Tensor):
+        """(final logits, per-example loss, input gradient of the summed loss), all detached."""
+        with torch.enable_grad():  # APGD calls this inside AutoAttack's torch.no_grad()
+            x = x.detach().requires_grad_(True)
+            output = self.model(x)
+            loss = self.loss_fn(output, y)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return logits_of(output).detach(), loss.detach(), grad.detach()
+
+
+@functools.cache
+def _loss_square_class():
+    """pyautoattack's SquareAttack with the loss it minimises replaced by -loss_fn (built on first
+    use: pyautoattack is imported lazily)."""
+    class LossSquare(_pyautoattack().square.SquareAttack):
+        def __init__(self, model: nn.Module, loss_fn: LossFn, **kwargs):
+            super().__init__(LogitsOnly(model), loss="ce", **kwargs)
+            self.full_model, self.loss_fn = model, loss_fn
+
+        def margin_and_loss(self, x, y):
+            """(margin of the final logits, clamped at 0: <= 0 once misclassified; -loss_fn)."""
+            output = self.full_model(x)
+            return -cw_margin(logits_of(output), y, kappa=0.0), -self.loss_fn(output, y)
+    return LossSquare
+
+
+def cifs_autoattack_adversary(model: nn.Module, eps: float, loss_fn: LossFn, seed: int = 0, device=None,
+                              n_restarts: int = 5, n_iter: int = 100, n_queries: int = 5000):
+    """pyautoattack's AutoAttack (version 'custom': APGD-CE, then Square on the points still robust)
+    with both attacks climbing `loss_fn`. Defaults: the CIFS authors' settings; smaller budgets
+    only for tests."""
+    check_epsilon(eps)
+    package = _pyautoattack()
+    adversary = package.AutoAttack(LogitsOnly(model), attacks=["apgd-ce", "square"], version="custom", eps=eps,
+                                   norm="Linf", device=device, seed=seed)
+    adversary.apgd = package.autopgd_base.APGDAttack(
+        LossAdapter(model, loss_fn), n_iter=n_iter, norm="Linf", n_restarts=n_restarts, eps=eps, seed=seed,
+        eot_iter=1, rho=0.75, device=device, is_tf_model=True, logger=adversary.logger)
+    adversary.square = _loss_square_class()(model, loss_fn, norm="Linf", n_queries=n_queries, eps=eps, p_init=0.8,
+                                            n_restarts=1, seed=seed, device=device, resc_schedule=False)
+    return adversary
+
+
+def autoattack_cifs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss_fn: LossFn,
+                    seed: int = 0, batch_size: int = 500, progress: bool = False,
+                    **budget) -> tuple[torch.Tensor, list[str]]:
+    """CIFS's AutoAttack protocol on (x, y); `budget`: n_restarts / n_iter / n_queries (tests only)."""
+    adversary = cifs_autoattack_adversary(model, eps, loss_fn, seed, x.device, **budget)
+    return run_adversary(adversary, model, x, y, batch_size, progress)

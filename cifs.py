@@ -221,7 +221,7 @@ def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) ->
     sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g) (appendix A "CIFS-sigmoid/softplus";
     our best reading of the authors' experiments, their code for these is not public).
     """
-    g = g.float()
+    g = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least (float64 stays: gradient checks)
     if mask_fn == "softmax":
         return softmax_scale * F.softmax(g, dim=1)
     if mask_fn == "sigmoid":

@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from conftest import EPS, accuracy
+from cifs import CIFS
+from conftest import EPS, SHAPE, accuracy
+from models import build_model
 
 STEP = EPS / 4
 
@@ -25,9 +27,14 @@ def every_attack(model, x, y, eps=EPS):
         "fat": attacks.fat_attack(model, x, y, eps, STEP, 5, tau=1),
         "fat_kl": attacks.fat_attack(model, x, y, eps, STEP, 5, tau=2, loss="kl", random_start_kind="normal"),
         "ti_fgsm": attacks.ti_fgsm(model, x, y, eps),
-        "di_fgsm": attacks.di_fgsm(model, x, y, eps, prob=1.0),
+        "ti_i_fgsm": attacks.ti_i_fgsm(model, x, y, eps, steps=3),
+        "di_fgsm": attacks.di_fgsm(model, x, y, eps, steps=3, prob=1.0),
+        "di_fgsm_shrink": attacks.di_fgsm(model, x, y, eps, steps=3, prob=1.0, resize_rate=attacks.DI_SHRINK_RATE,
+                                          interpolation="bilinear"),
         "nattack": attacks.nattack(model, x, y, eps, max_queries=200, population=20)[0],
         "autoattack": attacks.autoattack(model, x, y, eps, version="custom", attacks=["apgd-ce"])[0],
+        "autoattack_cifs": attacks.autoattack_cifs(model, x, y, eps, attacks.cross_entropy_loss, n_restarts=1,
+                                                   n_iter=3, n_queries=10)[0],
     }
 
 
@@ -177,14 +184,35 @@ def test_one_step_does_not_beat_iterative(robust_model, synthetic):
 
 
 def test_autoattack_is_at_least_as_strong_as_pgd20(robust_model, synthetic):
-    x, y = synthetic[2][:100], synthetic[3][:100]
-    x_aa, warnings = attacks.autoattack(robust_model, x, y, EPS, version="standard", seed=0)
+    # AutoAttack's two white-box attacks (APGD-CE, APGD-T) on 40 points, as a 'custom' run: the
+    # standard version adds FAB-T and Square on the points still robust, which can only lower its
+    # accuracy further, and costs minutes of Square queries on the CPU.
+    x, y = synthetic[2][:40], synthetic[3][:40]
+    x_aa, warnings = attacks.autoattack(robust_model, x, y, EPS, version="custom", attacks=["apgd-ce", "apgd-t"],
+                                        seed=0)
     x_pgd = attacks.pgd(robust_model, x, y, EPS, EPS / 10, 20, random_start_kind=None)
     aa, pgd = accuracy(robust_model, x_aa, y), accuracy(robust_model, x_pgd, y)
     assert (x_aa - x).abs().max() <= EPS + 1e-6
     assert aa <= pgd, (aa, pgd)
     assert aa < accuracy(robust_model, x, y)
     assert isinstance(warnings, list)
+
+
+def test_autoattack_dynamic_flag_belongs_to_the_model_at_hand(robust_model, synthetic):
+    """pyautoattack's dynamic-defence check counts gradient calls in a module-level counter it never
+    resets: without attacks.reset_dynamic_check, a plain model checked after a CIFS model is flagged."""
+    cifs_model = build_model("smallcnn", 10, SHAPE)
+    cifs_model.insert("conv3", CIFS(128, 10, "mlp"))
+    cifs_model.eval()
+    x = synthetic[2][:4]
+
+    def flags(model):  # wrong labels: no point is robust, so AutoAttack runs its checks and stops
+        with torch.no_grad():
+            wrong = (model(x)[0].argmax(1) + 1) % 10
+        warnings = attacks.autoattack(model, x, wrong, EPS, version="custom", attacks=["apgd-ce"])[1]
+        return any("dynamic defense" in w for w in warnings)
+
+    assert [flags(robust_model), flags(cifs_model), flags(robust_model)] == [False, True, False]
 
 
 def test_autoattack_view_sees_logits_only(robust_model):
@@ -248,18 +276,43 @@ def test_gaussian_kernel_is_normalised_and_symmetric():
     assert kernel[3, 3] == kernel.max()
 
 
-def test_input_diversity_keeps_the_shape_and_is_the_identity_at_probability_zero():
-    x = torch.rand(4, 3, 16, 16)
+def test_ti_fgsm_is_one_step_of_the_smoothed_gradient_sign(robust_model, synthetic):
+    x, y = synthetic[2][:16], synthetic[3][:16]
+    x_req = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(robust_model.eval()(x_req)[0], y, reduction="sum"), x_req)
+    kernel = attacks.gaussian_kernel(5).expand(3, 1, 5, 5)
+    smoothed = F.conv2d(grad, kernel, padding=2, groups=3)
+    expected = (x + EPS * smoothed.sign()).clamp(0, 1)
+    assert torch.equal(attacks.ti_fgsm(robust_model, x, y, EPS, kernel_size=5), expected)
+    assert not torch.equal(expected, (x + EPS * grad.sign()).clamp(0, 1))  # the smoothing matters
+    iterative = attacks.ti_i_fgsm(robust_model, x, y, EPS, steps=1, step_size=EPS, kernel_size=5)
+    assert torch.equal(iterative, expected)  # one step of size eps is the same attack
+
+
+def test_input_diversity_follows_the_di_paper_and_torchattacks():
+    x = torch.ones(2, 3, 32, 32)
     assert torch.equal(attacks.input_diversity(x, prob=0.0), x)
     torch.manual_seed(0)
-    out = attacks.input_diversity(x, prob=1.0, resize_rate=0.5)
-    assert out.shape == x.shape and not torch.equal(out, x)
+    sizes = set()
+    for _ in range(60):  # DI paper: resize to rnd in [32, floor(32 * 330/299) = 35), pad to 35
+        out = attacks.input_diversity(x, prob=1.0)
+        assert out.shape == (2, 3, 35, 35)
+        side = math.isqrt(int(out[0, 0].sum()))
+        assert side * side == int(out[0, 0].sum())  # one square block of ones, zeros around it
+        sizes.add(side)
+    assert sizes == {32, 33, 34}
+    sizes = set()
+    for _ in range(60):  # torchattacks: shrink to rnd in [floor(0.9 * 32) = 28, 32), pad back to 32
+        out = attacks.input_diversity(x, prob=1.0, resize_rate=attacks.DI_SHRINK_RATE, interpolation="bilinear")
+        assert out.shape == x.shape
+        sizes.add(int((out[0, 0] > 0.5).any(1).sum()))
+    assert sizes == {28, 29, 30, 31}
 
 
 def test_transfer_attacks_fool_the_source_model(robust_model, synthetic):
     x, y = synthetic[2], synthetic[3]
     clean = accuracy(robust_model, x, y)
-    for attack in (attacks.ti_fgsm, attacks.di_fgsm):
+    for attack in (attacks.ti_fgsm, attacks.ti_i_fgsm, attacks.di_fgsm):
         assert accuracy(robust_model, attack(robust_model, x, y, EPS), y) < clean - 0.05, attack.__name__
 
 
