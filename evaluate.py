@@ -62,9 +62,9 @@ from torch import nn
 
 import attacks
 from cifs import CIFS
-from fsr import FSR
+from fsr import FSR, OneLineErrors, plot_training_curves
 from fsr import pool as fsr_pool
-from models import dataset_info, load_dataset
+from models import DATASETS, MODELS, balanced_subset, dataset_info, load_dataset
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -119,7 +119,8 @@ def arg(default, help: str, type=None):
 
 @dataclass
 class Args:
-    checkpoints: list = arg(None, "checkpoints written by fsr.py or cifs.py")
+    checkpoints: list = arg(None, "checkpoints written by fsr.py or cifs.py, or state dicts saved by the official "
+                            "code (with --official); with --curves, run folders")
     attacks: str = arg(",".join(MAIN_ATTACKS), "comma-separated columns: " + ", ".join(MAIN_ATTACKS))
     n_examples: int = arg(None, "evaluate a class-balanced subset of this size (default: the full test set)", int)
     subset_seed: int = arg(0, "seed of the subset (its indices are saved)")
@@ -164,10 +165,35 @@ class Args:
                                   "training split; N: a class-balanced subset)", int)
     masking_report: bool = arg(False, "gradient-masking checks of FSR appendix C (PASS / FAIL per check)")
     channel_analysis: bool = arg(False, "CIFS Fig. 1/3/A.2: per-class channel activations, natural and PGD-20")
+    official: str = arg(None, "the paths that are not our checkpoints are state dicts saved by the official code "
+                        "of this method: fsr (train.py) or cifs (CIFAR10_Res18_CIFS.py)", str)
+    official_model: str = arg("resnet18", "with --official: the backbone they hold")
+    official_dataset: str = arg("cifar10", "with --official: the dataset they were trained on")
+    overwrite: bool = arg(False, "replace earlier results of the same checkpoints in --out (refused otherwise)")
+    curves: bool = arg(False, "draw the training curves of the given run folders, overlaid, into <out>/curves.png")
 
 
 def check_args(args: Args) -> None:
     """Refuse settings of the attacks above before any work, naming the flag and the fix."""
+    columns = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in columns if a not in MAIN_ATTACKS]
+    if not columns or unknown:
+        raise ValueError(f"--attacks {args.attacks!r}: give one or more of {', '.join(MAIN_ATTACKS)}")
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ValueError(f"--n-examples {args.n_examples}: must be at least 1 (or left out for the full test set)")
+    if args.epsilon is not None and not 0 < args.epsilon <= 1:
+        raise ValueError(f"--epsilon {args.epsilon} is not in (0, 1]: budgets are in image units "
+                         f"(pass 8/255 = {8 / 255:.5f}, not 8)")
+    if args.official not in (None, *METHODS):
+        raise ValueError(f"--official {args.official!r}: use fsr or cifs")
+    if args.official_model not in MODELS:
+        raise ValueError(f"--official-model {args.official_model!r}: use one of {', '.join(MODELS)}")
+    if args.official_dataset not in DATASETS:
+        raise ValueError(f"--official-dataset {args.official_dataset!r}: use one of {', '.join(DATASETS)}")
+    if args.log_interval < 0:
+        raise ValueError(f"--log-interval {args.log_interval}: must not be negative")
+    if args.knn_train_examples is not None and args.knn_train_examples < 1:
+        raise ValueError(f"--knn-train-examples {args.knn_train_examples}: must be at least 1")
     if args.aa_version not in ("standard", "plus", "rand", "custom"):
         raise ValueError(f"--aa-version {args.aa_version!r}: use standard, plus, rand or custom")
     if (args.aa_version == "custom") != bool(args.aa_attacks):
@@ -176,7 +202,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--ti-kernel {args.ti_kernel}: the Gaussian kernel size must be odd and positive (e.g. 7)")
     if not 0.0 <= args.di_prob <= 1.0:
         raise ValueError(f"--di-prob {args.di_prob}: a probability in [0, 1] (the DI paper: 0.5)")
-    for flag in ("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps"):
+    for flag in ("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps", "batch_size",
+                 "nattack_examples", "nattack_queries", "nattack_population", "nattack_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if (args.ti_iterative or args.di_shrink) and not args.transfer_source:
@@ -244,22 +271,54 @@ def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_siz
 # =============================================================================================
 
 
-def load_network(path: str, device):
-    """(model in eval mode, the run's Args, the method's module) from a checkpoint."""
+def read_checkpoint(path: str, args: Args | None = None):
+    """(method module, run Args, state dict, notes) of a checkpoint written by fsr.py or cifs.py, or
+    of a state dict saved by the official code (args.official names its method; args.official_model
+    and args.official_dataset what it holds). Whatever makes it unusable is one line that says why."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): {error}") from error
-    method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
-    if method not in METHODS or "args" not in checkpoint or "model" not in checkpoint:
-        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
-    module = importlib.import_module(method)  # fsr.py or cifs.py knows how to build its network
-    run_args = module.Args(**checkpoint["args"])
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): "
+                              f"{str(error).splitlines()[0]}") from None
+    if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
+        module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
+        return module, module.args_from_checkpoint(raw["args"], path), raw["model"], []
+    if args is None or args.official is None:
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py (a state dict saved by "
+                              f"the official code needs --official fsr or --official cifs)")
+    module = importlib.import_module(args.official)
+    run_args = module.resolve(module.Args(dataset=args.official_dataset, model=args.official_model))
+    try:
+        state, notes = module.official_state_dict(raw, run_args)
+    except ValueError as error:
+        raise CheckpointError(f"{path!r}: {error}") from None
+    return module, run_args, state, notes
+
+
+def load_network(path: str, device, args: Args | None = None, log=None):
+    """(model in eval mode on `device`, the run's Args, the method's module) from a checkpoint (see
+    read_checkpoint). Weights that do not fit the network its settings build are refused in one line
+    naming the keys."""
+    module, run_args, state, notes = read_checkpoint(path, args)
+    for note in notes if log else ():
+        log(f"{path}: {note}")
     model = module.build_network(run_args)
-    model.load_state_dict(checkpoint["model"])
+    module.load_weights(model, state, path)
     return model.to(device).eval(), run_args, module
+
+
+def load_model(path: str, device="cpu", official: str | None = None, model: str = "resnet18",
+               dataset: str = "cifar10") -> nn.Module:
+    """The network of a checkpoint as a plain module for other tools (AutoAttack, torchattacks,
+    RobustBench's benchmark()): in eval mode on `device`, mapping images in [0, 1] (no normalisation)
+    to logits. `official`="fsr" or "cifs" reads a state dict saved by the official code, holding
+    `model` trained on `dataset`. CIFS's mask needs a gradient inside the forward, which it takes
+    itself: the module also works under torch.no_grad()."""
+    args = Args(checkpoints=[path], official=official, official_model=model, official_dataset=dataset)
+    network = load_network(path, torch.device(device), args)[0]
+    return attacks.LogitsOnly(network).eval()
 
 
 def load_split(run_args, data_root: str, train: bool):
@@ -269,19 +328,6 @@ def load_split(run_args, data_root: str, train: bool):
     split = load_dataset(run_args.dataset, data_root, train=train, synthetic_shape=method.input_shape(run_args),
                          synthetic_size=run_args.synthetic_size if train else None, seed=run_args.seed)
     return split.images.float() / 255, split.labels
-
-
-def balanced_subset(labels: torch.Tensor, n: int, num_classes: int, seed: int) -> torch.Tensor:
-    """n indices, n // K per class (the rest from the first classes), chosen by `seed`, sorted."""
-    if n >= len(labels):
-        return torch.arange(len(labels))
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().squeeze(1)
-        take = n // num_classes + (c < n % num_classes)
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
-    return torch.cat(chosen).sort().values
 
 
 # =============================================================================================
@@ -393,28 +439,38 @@ def has_cifs(model: nn.Module) -> bool:
     return any(isinstance(m, CIFS) for m in model.modules())
 
 
-def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
+def prepare(path: str, args: Args, log) -> tuple:
+    """(model on the CPU, run Args, method module, (x_all, y_all) of its test split): everything that
+    can fail about a checkpoint before an attack runs (main does this for every checkpoint first)."""
+    model, run_args, module = load_network(path, torch.device("cpu"), args, log)
+    x_all, y_all = load_split(run_args, args.data_root, train=False)
+    if args.n_examples is not None and args.n_examples > len(y_all):
+        raise ValueError(f"--n-examples {args.n_examples}: {path} is evaluated on {run_args.dataset}, whose test "
+                         f"split has {len(y_all)} images")
+    if args.transfer_source:
+        check_compatible(load_network(args.transfer_source, torch.device("cpu"), args)[0], model, args.transfer_source)
+    return model, run_args, module, (x_all, y_all)
+
+
+def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None = None) -> dict:
     check_args(args)
     device = init_distributed(args.device)
-    model, run_args, module = load_network(path, device)
+    model, run_args, module, (x_all, y_all) = prepared or prepare(path, args, log)
+    model = model.to(device)
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
     attacks.check_epsilon(eps)
-    x_all, y_all = load_split(run_args, args.data_root, train=False)
     indices = torch.arange(len(y_all)) if args.n_examples is None else \
         balanced_subset(y_all, args.n_examples, info.num_classes, args.subset_seed)
     x, y = x_all[indices], y_all[indices]
     columns = [a for a in args.attacks.split(",") if a]
-    for name in columns:
-        if name not in MAIN_ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; known: {', '.join(MAIN_ATTACKS)}")
-    source = load_network(args.transfer_source, device)[0] if args.transfer_source else None
-    if source is not None:
-        check_compatible(source, model, args.transfer_source)
+    source = load_network(args.transfer_source, device, args)[0] if args.transfer_source else None
     with torch.no_grad():
         has_heads = bool(label_heads(model(x[:2].to(device))[1]))
     betas = ADAPTIVE_BETAS if args.adaptive and has_heads else ("0",)
     log(f"{path}: {run_args.model} ({type(model).__name__}) on {len(y)} {run_args.dataset} test images, eps {eps:.5f}")
+    log("  " + describe_protocol(protocol(args, run_args, eps, betas, has_cifs(model)), run_args.dataset,
+                                 [*columns, *(f"{n}-tm" for n in columns if has_cifs(model) and not args.no_through_mask)]))
 
     # Every verdict of the table by (column, beta_atk, view): what the analyses below reuse.
     done: dict = {}
@@ -422,6 +478,8 @@ def evaluate_checkpoint(path: str, args: Args, log=print) -> dict:
     tables = (per_example, heads, timings, sweep)
     for name in columns:
         if name == "autoattack":
+            log(f"  AutoAttack {args.aa_version} on {len(y)} images, batch by batch (APGD-CE, APGD-T, FAB-T, Square "
+                f"for standard): the longest column; its own progress lines follow")
             verdicts, seconds, aa_warnings = run_autoattack(model, standard_autoattack(args, eps), x, y, args,
                                                             "autoattack", log)
             done[(name, "0", STANDARD)] = verdicts
@@ -569,7 +627,7 @@ def through_mask_columns(model, columns, run_args, args, eps, betas, x, y, table
 
 def check_compatible(source, model, path: str) -> None:
     if source.num_classes != model.num_classes or source.input_shape != model.input_shape:
-        raise ValueError(f"transfer source {path!r} has {source.num_classes} classes and input "
+        raise ValueError(f"--transfer-source {path!r} has {source.num_classes} classes and input "
                          f"{source.input_shape}; the target has {model.num_classes} and {model.input_shape}")
 
 
@@ -1053,8 +1111,25 @@ def seed_summary(results: list, members: list) -> dict:
 
 
 def run_folder(result: dict) -> str:
-    """The folder of a result's checkpoint (its run name; also the stem of its JSON and CSV)."""
+    """The folder of a result's checkpoint (its run name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(result["checkpoint"]))) or "model"
+
+
+def result_name(path: str) -> str:
+    """The stem of a checkpoint's outputs: its run folder and its file, e.g. fsr_cifar10_..._seed0_last
+    (last.pt and best.pt of one run are two results)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
+    return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
+
+
+def result_names(paths: list) -> list:
+    """result_name of each path; a name that repeats within one call gets _2, _3, ... ."""
+    names, seen = [], {}
+    for path in paths:
+        name = result_name(path)
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
 
 
 def row_name(run: dict, method: str) -> str:
@@ -1079,7 +1154,8 @@ def markdown_table(results: list, summaries: list | None = None) -> str:
         for i in members:
             cells = [f"{100 * results[i]['accuracy'][c]:.2f}" if c in results[i]["accuracy"] else "" for c in columns]
             run = results[i]["run"]
-            name = f"{run_folder(results[i])}: {row_name(run, results[i]['method'])}, seed {run['seed']}"
+            checkpoint = f"{run_folder(results[i])}/{os.path.basename(results[i]['checkpoint'])}"
+            name = f"{checkpoint}: {row_name(run, results[i]['method'])}, seed {run['seed']}, {len(results[i]['labels'])} images"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             written.add(i)
         if summary is not None:
@@ -1165,33 +1241,117 @@ def write_plots(result: dict, stem: str) -> list:
     return written
 
 
-def write_outputs(results: list, out: str, log=print) -> None:
-    """Per checkpoint <name>.json, <name>.csv (and plots); table.md; summary.json: the mean ± std
-    over seeds of every configuration evaluated with several seeds (seed_groups)."""
-    os.makedirs(out, exist_ok=True)
-    for r in results:
-        stem = os.path.join(out, run_folder(r))
-        with open(stem + ".json", "w") as file:
-            json.dump(r, file, indent=1, sort_keys=True)
-        with open(stem + ".csv", "w", newline="") as file:
-            writer = csv.writer(file)
-            names = list(r["per_example"])
-            writer.writerow(["index", "label", *names])
-            for i, (index, label) in enumerate(zip(r["indices"], r["labels"])):
-                writer.writerow([index, label, *(r["per_example"][n][i] for n in names)])
-        # Plots last: the data are on disk before anything can go wrong in drawing them.
-        if ("masking_report" in r or "channel_analysis" in r) and not write_plots(r, stem):
-            log("matplotlib is not installed: no plots drawn (the data are in the JSON; pip install matplotlib)")
+def write_result(result: dict, out: str, name: str, log=print) -> None:
+    """<name>.json (everything), <name>.csv (one row per example) and the plots of its analyses; the
+    JSON is written first and atomically, as soon as the checkpoint is done."""
+    stem = os.path.join(out, name)
+    tmp = f"{stem}.json.tmp{os.getpid()}"
+    with open(tmp, "w") as file:
+        json.dump(result, file, indent=1, sort_keys=True)
+    os.replace(tmp, stem + ".json")
+    with open(stem + ".csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        names = list(result["per_example"])
+        writer.writerow(["index", "label", *names])
+        for i, (index, label) in enumerate(zip(result["indices"], result["labels"])):
+            writer.writerow([index, label, *(result["per_example"][n][i] for n in names)])
+    # Plots last: the data are on disk before anything can go wrong in drawing them.
+    if ("masking_report" in result or "channel_analysis" in result) and not write_plots(result, stem):
+        log("matplotlib is not installed: no plots drawn (the data are in the JSON; pip install matplotlib)")
+
+
+def results_in(out: str) -> list:
+    """Every result JSON in the folder `out` (written by write_result), in the order written."""
+    found = []
+    for name in sorted(os.listdir(out), key=lambda name: (os.path.getmtime(os.path.join(out, name)), name)):
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(out, name)) as file:
+                result = json.load(file)
+            if isinstance(result, dict) and {"checkpoint", "accuracy", "run"} <= set(result):
+                found.append(result)
+    return found
+
+
+def write_tables(out: str) -> str:
+    """table.md and summary.json of every result in the folder (this call's and earlier ones): one
+    row per checkpoint, a mean ± std row per configuration evaluated with several seeds, and the
+    protocol of each column. Returns the table."""
+    results = results_in(out)
     summaries = [(members, seed_summary(results, members)) for members in seed_groups(results)]
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump({"seed_groups": [summary for _, summary in summaries]}, file, indent=1, sort_keys=True)
+    table = markdown_table(results, summaries) + protocol_notes(results)
     with open(os.path.join(out, "table.md"), "w") as file:
-        file.write(markdown_table(results, summaries))
+        file.write(table)
+    return table
+
+
+def write_outputs(results: list, out: str, log=print) -> None:
+    """write_result for each result (named by result_names), then write_tables."""
+    os.makedirs(out, exist_ok=True)
+    for result, name in zip(results, result_names([r["checkpoint"] for r in results])):
+        write_result(result, out, name, log)
+    write_tables(out)
+
+
+def protocol_notes(results: list) -> str:
+    """What each attack column ran (steps and step size, restarts, start), once per distinct
+    protocol among the results, so that a number is never read without its attack."""
+    lines = []
+    for text in dict.fromkeys(describe_protocol(r["protocol"], r["run"]["dataset"], r["accuracy"]) for r in results):
+        lines.append(text)
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def describe_protocol(p: dict, dataset: str, columns) -> str:
+    """One line: what each of `columns` ran (steps and step size, start, restarts)."""
+    start = "uniform random start" if p["random_start"] else "no random start"
+    parts = {"fgsm": "FGSM one step of eps",
+             "pgd20": f"PGD-20 {p['pgd20']['steps']} steps of {p['pgd20']['step_size']:.4g}",
+             "pgd100": f"PGD-100 {p['pgd100']['steps']} steps of {p['pgd100']['step_size']:.4g}",
+             "cw": f"C&W {p['cw']['steps']} steps of {p['cw']['step_size']:.4g} on the margin (kappa {p['cw']['kappa']:g})",
+             "ensemble": f"Ensemble: {p['ensemble']}", "autoattack": f"AutoAttack {p['autoattack']['version']}"}
+    described = [text for name, text in parts.items() if name in columns]
+    if any(name.endswith("-tm") for name in columns):
+        described.append("(through mask): the same attacks, the input gradient taken through the CIFS mask; "
+                         "Worst-case: per example, the worst of every view")
+    return (f"Protocol ({dataset}, eps {p['epsilon']:.4g}, {start}, {p['restarts']} restart(s), eval mode, fp32): "
+            + "; ".join(described))
+
+
+def check_outputs(out: str, names: list, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an earlier result of the same checkpoint in `out`."""
+    existing = [f"{name}.json" for name in names if os.path.exists(os.path.join(out, f"{name}.json"))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
+                              f"to replace {'it' if len(existing) == 1 else 'them'}")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable folder")
+
+
+def draw_curves(args: Args, log=print) -> str:
+    """--curves: the metrics.jsonl of each run folder (or of the folder of a checkpoint), overlaid in
+    <out>/curves.png (default out: the first run's parent folder)."""
+    folders = [path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)) for path in args.checkpoints]
+    missing = [f for f in folders if not os.path.isfile(os.path.join(f, "metrics.jsonl"))]
+    if missing:
+        raise FileNotFoundError(f"--curves: no metrics.jsonl in {', '.join(missing)} (give run folders)")
+    out = args.out or os.path.dirname(os.path.abspath(folders[0]))
+    path = os.path.join(out, "curves.png")
+    if os.path.exists(path) and not args.overwrite:
+        raise FileExistsError(f"{path} exists: pass another --out, or --overwrite")
+    os.makedirs(out, exist_ok=True)
+    if not plot_training_curves(folders, path):
+        raise ImportError("--curves needs matplotlib: pip install matplotlib")
+    log(f"training curves of {len(folders)} run(s) written to {path}")
+    return path
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", help=Args.__dataclass_fields__["checkpoints"].metadata["help"])
     for f in dataclasses.fields(Args):
         if f.name == "checkpoints":
@@ -1200,29 +1360,40 @@ def parse_args(argv=None) -> Args:
         if f.default is False:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
+            shown = "" if f.default is None else f" (default: {f.default})"
             parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
-                                help=f.metadata["help"])
+                                help=f.metadata["help"] + shown)
     return Args(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    init_distributed(args.device)
-    rank = rank_and_size()[0]
-    log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
     try:
         check_args(args)
-        results = [evaluate_checkpoint(path, args, log) for path in args.checkpoints]
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        if args.curves:
+            draw_curves(args)
+            return []
+        init_distributed(args.device)
+        rank = rank_and_size()[0]
+        log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
+        names = result_names(args.checkpoints)
+        check_outputs(out, names, args.overwrite)
+        # Every checkpoint (its file, version, weights, test split) before the first attack runs.
+        prepared = [prepare(path, args, log) for path in args.checkpoints]
+        results = []
+        for path, name, entry in zip(args.checkpoints, names, prepared):
+            results.append(evaluate_checkpoint(path, args, log, entry))
+            if rank == 0:  # written as soon as it is done: a later failure loses nothing finished
+                os.makedirs(out, exist_ok=True)
+                write_result(results[-1], out, name, log)
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
-        write_outputs(results, out)
-        with open(os.path.join(out, "table.md")) as file:
-            print("\n" + file.read())
+        print("\n" + write_tables(out))
         print(f"written to {out}/")
     return results
 

@@ -121,7 +121,7 @@ def test_sharded_evaluation_equals_one_process(fsr_two_processes, tmp_path):
              "--random-start", "--log-interval", "1e9")
     torchrun("evaluate.py", checkpoint, *flags, "--out", str(tmp_path / "two"))
     evaluate.main([checkpoint, *flags, "--out", str(tmp_path / "one")])
-    one, two = (json.loads((tmp_path / name / "a.json").read_text()) for name in ("one", "two"))
+    one, two = (json.loads((tmp_path / name / "a_last.json").read_text()) for name in ("one", "two"))
     for report in (one, two):
         report.pop("timings")
     assert one == two

@@ -28,7 +28,7 @@ MAIN = "natural,fgsm,pgd20,pgd100,cw"
 
 def train_args(module, tmp_dir, name, **kw):
     settings = dict(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=800, device="cpu",
-                    strategy="natural", epochs=4, val_size=100, eval_steps=1, log_interval=1e9,
+                    strategy="natural", epochs=4, val_size=100, monitor_size=0, eval_steps=1, log_interval=1e9,
                     runs_dir=str(tmp_dir), attack_steps=2, run_name=name)
     settings.update(kw)
     return module.Args(**settings)
@@ -49,8 +49,7 @@ def checkpoints(tmp_path_factory):
 
 def run_main(path, out, *flags):
     results = evaluate.main([path, "--device", "cpu", "--log-interval", "1e9", "--out", str(out), *flags])
-    stem = os.path.basename(os.path.dirname(path))
-    with open(os.path.join(out, stem + ".json")) as file:
+    with open(os.path.join(out, evaluate.result_name(path) + ".json")) as file:
         return results[0], json.load(file)
 
 
@@ -154,6 +153,104 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message):
     assert str(raised.value.code).startswith("error: --") and message in str(raised.value.code)
 
 
+@pytest.mark.parametrize("kind", ["newer-version", "other-weights"])
+def test_a_checkpoint_of_another_version_is_one_line_naming_what_differs(checkpoints, tmp_path, kind):
+    state = torch.load(checkpoints["fsr"], map_location="cpu", weights_only=True)
+    if kind == "newer-version":  # settings this version does not know, and one it needs
+        state["args"]["gradient_magic"] = True
+        del state["args"]["train_size"]
+        expected = ("gradient_magic", "train_size")
+    else:  # weights that do not fit the network its settings build
+        state["model"]["inserted.conv3.head.weight"] = torch.zeros(3, 3)
+        del state["model"]["classifier.bias"]
+        expected = ("inserted.conv3.head.weight", "classifier.bias")
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([str(tmp_path / "last.pt"), "--device", "cpu", "--out", str(tmp_path / "eval")])
+    message = str(raised.value.code)
+    assert message.startswith("error:") and "\n" not in message and all(key in message for key in expected)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_last_and_best_of_one_run_are_two_results_and_nothing_is_overwritten(tmp_path):
+    fsr.train(train_args(fsr, tmp_path, "run", no_fsr=True, epochs=2, synthetic_size=300, eval_every=1), **QUIET)
+    run = tmp_path / "run"
+    assert (run / "best.pt").exists()
+    flags = ["--device", "cpu", "--log-interval", "1e9", "--n-examples", "10", "--attacks", "natural,fgsm"]
+    evaluate.main([str(run / "last.pt"), str(run / "best.pt"), *flags])
+    out = run / "eval"
+    assert {"run_last.json", "run_best.json", "run_last.csv", "run_best.csv", "table.md"} <= set(os.listdir(out))
+    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| run/")]
+    assert [row.split(":")[0] for row in rows] == ["| run/last.pt", "| run/best.pt"]
+    first = (out / "run_last.json").read_bytes()
+    with pytest.raises(SystemExit) as raised:  # the same checkpoint again: refused, the first result kept
+        evaluate.main([str(run / "last.pt"), *flags])
+    assert "--overwrite" in str(raised.value.code) and (out / "run_last.json").read_bytes() == first
+    evaluate.main([str(run / "last.pt"), *flags, "--attacks", "natural", "--overwrite"])
+    assert "fgsm" not in json.loads((out / "run_last.json").read_text())["accuracy"]
+    assert len([line for line in (out / "table.md").read_text().splitlines() if line.startswith("| run/")]) == 2
+
+
+def test_a_bad_second_checkpoint_fails_before_the_first_attack(checkpoints, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: calls.append(a))
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([checkpoints["natural"], str(tmp_path / "missing.pt"), "--device", "cpu",
+                       "--out", str(tmp_path / "eval")])
+    assert "missing.pt" in str(raised.value.code) and calls == [] and not (tmp_path / "eval").exists()
+
+
+def test_each_result_is_written_as_soon_as_it_is_done(checkpoints, tmp_path, monkeypatch):
+    evaluate_checkpoint = evaluate.evaluate_checkpoint
+
+    def second_fails(path, *rest):
+        if path == checkpoints["cifs"]:
+            raise ValueError("the second checkpoint failed")
+        return evaluate_checkpoint(path, *rest)
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", second_fails)
+    with pytest.raises(SystemExit):
+        evaluate.main([checkpoints["natural"], checkpoints["cifs"], "--device", "cpu", "--log-interval", "1e9",
+                       "--n-examples", "10", "--attacks", "natural", "--out", str(tmp_path)])
+    assert os.path.exists(tmp_path / (evaluate.result_name(checkpoints["natural"]) + ".json"))
+
+
+def test_load_model_is_a_plain_logits_module_for_other_tools(checkpoints):
+    model = evaluate.load_model(checkpoints["cifs"], device="cpu")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():  # the CIFS mask takes its gradient inside the forward itself
+        logits = model(x)
+    assert logits.shape == (4, 10)
+    network = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))[0]
+    torch.testing.assert_close(logits, network(x)[0])
+
+
+def test_autoattack_runs_on_load_model_as_documented(checkpoints):
+    """The README's AutoAttack snippet, on 20 points with APGD-CE alone (the package's own API)."""
+    from pyautoattack import AutoAttack
+    from models import load_dataset
+    model = evaluate.load_model(checkpoints["natural"], device="cpu")
+    test = load_dataset("synthetic", train=False, synthetic_shape=(3, 16, 16))
+    x, y = test.images[:20].float() / 255, test.labels[:20]
+    adversary = AutoAttack(model, norm="Linf", eps=8 / 255, version="custom", attacks=["apgd-ce"], device="cpu",
+                           seed=0)
+    adversary.apgd.n_iter, adversary.apgd.n_restarts = 10, 1  # cheaper than the standard 100 x 5
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=20)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == y).sum() <= (model(x).argmax(1) == y).sum()
+
+
+def test_curves_overlay_several_runs(checkpoints, tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [os.path.dirname(checkpoints[name]) for name in ("fsr", "natural")]
+    evaluate.main([*runs, "--curves", "--out", str(tmp_path)])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([*runs, "--curves", "--out", str(tmp_path)])
+    assert "--overwrite" in str(raised.value.code)
+
+
 # --------------------------------------------------------------------------------------------
 # Across seeds
 # --------------------------------------------------------------------------------------------
@@ -174,10 +271,12 @@ def test_seeds_of_one_configuration_get_mean_and_std(tmp_path):
         a, b = results[0]["accuracy"][column], results[2]["accuracy"][column]
         assert group["mean"][column] == pytest.approx((a + b) / 2)
         assert group["std"][column] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two values
-    table = (out / "table.md").read_text().splitlines()
+    table = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
     names = [line.split(" | ")[0] for line in table[2:]]
-    assert names == ["| s0: smallcnn natural (vanilla), seed 0", "| s1: smallcnn natural (vanilla), seed 1",
-                     "| smallcnn natural (vanilla), mean ± std (seeds 0, 1)", "| other: smallcnn natural (vanilla), seed 0"]
+    assert names == ["| s0/last.pt: smallcnn natural (vanilla), seed 0, 10 images",
+                     "| s1/last.pt: smallcnn natural (vanilla), seed 1, 10 images",
+                     "| smallcnn natural (vanilla), mean ± std (seeds 0, 1)",
+                     "| other/last.pt: smallcnn natural (vanilla), seed 0, 10 images"]
     assert f"{100 * group['mean']['fgsm']:.2f} ± {100 * group['std']['fgsm']:.2f}" in table[4]
 
 
@@ -630,6 +729,6 @@ def test_plots_with_and_without_matplotlib(checkpoints, fsr_report, tmp_path, mo
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import now raises ImportError
     messages = []
     evaluate.write_outputs([result], str(tmp_path / "bare"), log=messages.append)
-    assert sorted(os.listdir(tmp_path / "bare")) == [f"{os.path.basename(os.path.dirname(result['checkpoint']))}.{ext}"
+    assert sorted(os.listdir(tmp_path / "bare")) == [f"{evaluate.result_name(result['checkpoint'])}.{ext}"
                                                      for ext in ("csv", "json")] + ["summary.json", "table.md"]
     assert any("matplotlib is not installed" in m for m in messages)

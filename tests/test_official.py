@@ -331,3 +331,20 @@ def test_pgd_iterates_equal_the_official_delta_arithmetic(robust_model, syntheti
     official = x + delta
     assert (ours - official).abs().max() <= 1e-6
     assert accuracy(model, ours, y) == accuracy(model, official, y)
+
+
+def test_evaluate_reads_an_official_checkpoint_given_method_backbone_and_dataset(tmp_path):
+    """evaluate.py --official fsr: an official train.py state dict, evaluated like our checkpoints
+    (synthetic 3x32x32 data stands in for CIFAR-10 here, which the tests cannot download)."""
+    import evaluate
+    torch.save(filled(official_resnet18() | official_fsr_module(512, 10)), tmp_path / "fsr_resnet18.pth")
+    flags = ["--device", "cpu", "--n-examples", "10", "--attacks", "natural", "--log-interval", "1e9",
+             "--out", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as raised:  # without --official: one line saying what to pass
+        evaluate.main([str(tmp_path / "fsr_resnet18.pth"), *flags])
+    assert "--official fsr" in str(raised.value.code)
+    (result,) = evaluate.main([str(tmp_path / "fsr_resnet18.pth"), *flags, "--official", "fsr",
+                               "--official-dataset", "synthetic"])
+    assert result["method"] == "fsr" and result["run"]["model"] == "resnet18" and len(result["labels"]) == 10
+    model = evaluate.load_model(str(tmp_path / "fsr_resnet18.pth"), official="fsr", dataset="synthetic")
+    assert torch.equal(model.model.classifier.weight, torch.load(tmp_path / "fsr_resnet18.pth")["linear.weight"])

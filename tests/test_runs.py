@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cifs
+import evaluate
 import fsr
 import models
 
@@ -112,6 +113,49 @@ def test_bad_setting_is_refused_in_one_line_before_any_work(tmp_path, capsys, me
     assert names in message, message
     assert "Traceback" not in capsys.readouterr().err
     assert snapshot(tmp_path) == before  # nothing created or changed
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("eval_input")
+    fsr.train(fsr.Args(**{**TINY, "runs_dir": str(runs), "run_name": "run", "epochs": 1, "strategy": "natural",
+                          "monitor_size": 0}), log=lambda *_: None)
+    return str(runs / "run" / "last.pt")
+
+
+BAD_EVALUATION = [
+    (["--n-examples", "0"], "--n-examples"),
+    (["--n-examples", "5000"], "--n-examples"),  # the synthetic test split has 1,000 images
+    (["--restarts", "0"], "--restarts"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--cw-steps", "0"], "--cw-steps"),
+    (["--aa-version", "strongest"], "--aa-version"),
+    (["--attacks", ""], "--attacks"),
+    (["--attacks", "natural,pgd7"], "--attacks"),
+    (["--epsilon", "8"], "--epsilon"),
+    (["--official", "trades"], "--official"),
+    (["--ti-kernel", "4"], "--ti-kernel"),
+    (["--nattack-queries", "0"], "--nattack-queries"),
+    (["--knn-train-examples", "0"], "--knn-train-examples"),
+    (["--transfer-source", "nowhere.pt"], "nowhere.pt"),
+    (["EXTRA:nowhere.pt"], "nowhere.pt"),  # a second checkpoint that does not exist
+    (["EXTRA:args.json"], "args.json"),  # a second path that is not a checkpoint
+]
+
+
+@pytest.mark.parametrize("flags, names", BAD_EVALUATION, ids=[" ".join(f) for f, _ in BAD_EVALUATION])
+def test_bad_evaluation_setting_is_refused_in_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys,
+                                                                     flags, names):
+    run = os.path.dirname(tiny_checkpoint)
+    extra = [os.path.join(run, flag[6:]) for flag in flags if flag.startswith("EXTRA:")]
+    flags = [flag for flag in flags if not flag.startswith("EXTRA:")]
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([tiny_checkpoint, *extra, *flags, "--device", "cpu", "--out", str(tmp_path / "eval")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and names in message, message
+    assert "Traceback" not in capsys.readouterr().err
+    assert snapshot(run) == before and not (tmp_path / "eval").exists()
 
 
 def test_bad_setting_exits_with_status_1_and_one_line_on_stderr(tmp_path):
