@@ -251,7 +251,8 @@ def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_siz
     over processes: under torchrun batch b runs on rank b mod N and the results are gathered."""
     batch_size = batch_size or args.batch_size
     rank, world_size = rank_and_size()
-    started = last = time.time()
+    started = time.time()
+    next_print = started + min(5.0, args.log_interval)  # the first progress line within seconds
     device = next(model.parameters()).device
     results = {}
     for index, begin in enumerate(range(0, len(y), batch_size)):
@@ -260,9 +261,11 @@ def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_siz
         torch.manual_seed(args.seed + index)
         xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
         results[index] = keep(fn(model, xb, yb), yb)
-        if time.time() - last > args.log_interval:
-            last = time.time()
-            log(f"    {label}: {min(begin + batch_size, len(y))}/{len(y)} examples, {time.time() - started:.0f} s")
+        now, done = time.time(), min(begin + batch_size, len(y))
+        if now >= next_print and done < len(y):
+            next_print = now + args.log_interval
+            eta = (now - started) / done * (len(y) - done)
+            log(f"    {label}: {done}/{len(y)} examples, {now - started:.0f} s, ETA {eta:.0f} s")
     return gather_batches(results)
 
 
