@@ -215,11 +215,12 @@ def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = No
 
 
 def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) -> torch.Tensor:
-    """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 (CIFS §3).
+    """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 at least (CIFS §3).
 
-    softmax: softmax_scale * softmax over channels (final release 1; paper-era ResNet-18 2 = k);
-    sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g) (appendix A "CIFS-sigmoid/softplus";
-    our best reading of the authors' experiments, their code for these is not public).
+    softmax: softmax_scale * softmax over channels (2 for the ResNets behind the published tables,
+    1 for WRN-28-10; see SOFTMAX_SCALE); sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g)
+    (appendix A's CIFS-sigmoid and CIFS-softplus: in the authors' repository only as compiled
+    modules, models/nets/__pycache__/resnet_CSAFR_top2_sigmoid and _top2_softplus .pyc files).
     """
     g = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least (float64 stays: gradient checks)
     if mask_fn == "softmax":
@@ -1302,16 +1303,17 @@ def training_curves_figure(run_dirs: list):
         for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
             axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
         axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
-        for marker, name in (("o", "monitor"), ("s", "val")):
-            for style, kind in (("-", "clean"), ("--", "robust")):
+        for style, name in (("-", "monitor"), ("--", "val")):
+            for marker, kind in (("o", "clean"), ("x", "robust")):
                 points = [(m["epoch"], 100 * m[f"{name}_{kind}"]) for m in lines if f"{name}_{kind}" in m]
                 if points:
                     axes[2].plot(*zip(*points), style, marker=marker, color=colour, label=f"{label}: {name} {kind}")
     axes[0].set(xlabel="epoch", ylabel="training loss", title="losses")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="training accuracy")
-    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (solid) and PGD (dashed) accuracy")
-    figure.suptitle(f"training accuracy: {TRAIN_ACCURACY_NOTE}. monitor: fixed test images, monitoring only; "
-                    f"val: held-out training images (best.pt)", fontsize="small")
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (o) and PGD (x) accuracy")
+    figure.suptitle("training accuracy: training batches in train mode (FSR: Gumbel-noise masks; CIFS: masks from "
+                    "the true label's logit). monitor (solid): fixed test images, monitoring only; val (dashed): "
+                    "held-out training images (best.pt)", fontsize="small")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.has_data():

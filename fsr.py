@@ -1167,16 +1167,17 @@ def training_curves_figure(run_dirs: list):
         for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
             axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
         axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
-        for marker, name in (("o", "monitor"), ("s", "val")):
-            for style, kind in (("-", "clean"), ("--", "robust")):
+        for style, name in (("-", "monitor"), ("--", "val")):
+            for marker, kind in (("o", "clean"), ("x", "robust")):
                 points = [(m["epoch"], 100 * m[f"{name}_{kind}"]) for m in lines if f"{name}_{kind}" in m]
                 if points:
                     axes[2].plot(*zip(*points), style, marker=marker, color=colour, label=f"{label}: {name} {kind}")
     axes[0].set(xlabel="epoch", ylabel="training loss", title="losses")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="training accuracy")
-    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (solid) and PGD (dashed) accuracy")
-    figure.suptitle(f"training accuracy: {TRAIN_ACCURACY_NOTE}. monitor: fixed test images, monitoring only; "
-                    f"val: held-out training images (best.pt)", fontsize="small")
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (o) and PGD (x) accuracy")
+    figure.suptitle("training accuracy: training batches in train mode (FSR: Gumbel-noise masks; CIFS: masks from "
+                    "the true label's logit). monitor (solid): fixed test images, monitoring only; val (dashed): "
+                    "held-out training images (best.pt)", fontsize="small")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.has_data():
