@@ -351,3 +351,15 @@ def test_curves_png_holds_the_metrics_file(tmp_path):
     robust = [line for line in held_out.lines if line.get_label() == "run: monitor robust"][0]
     assert list(robust.get_ydata()) == [100 * m["monitor_robust"] for m in metrics]
     assert len(accuracy.lines) == 2  # two runs overlaid
+
+
+def test_resuming_a_checkpoint_of_another_version_names_the_settings(finished, tmp_path):
+    checkpoint = torch.load(finished, map_location="cpu", weights_only=True)
+    checkpoint["args"]["warp_drive"] = 9
+    del checkpoint["args"]["monitor_size"]
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        cifs.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "warp_drive" in message and "monitor_size" in message
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
