@@ -62,7 +62,7 @@ from torch import nn
 
 import attacks
 from cifs import CIFS
-from fsr import FSR, OneLineErrors, plot_training_curves
+from fsr import FSR, CheckpointError, OneLineErrors, check_writable, plot_training_curves, read_torch_file, write_text_atomically
 from fsr import pool as fsr_pool
 from models import DATASETS, MODELS, balanced_subset, dataset_info, load_dataset
 
@@ -210,10 +210,6 @@ def check_args(args: Args) -> None:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint evaluate.py cannot use: missing, unreadable, or not from fsr.py / cifs.py."""
-
-
 # =============================================================================================
 # Processes: one, or one per GPU under torchrun
 # =============================================================================================
@@ -278,13 +274,7 @@ def read_checkpoint(path: str, args: Args | None = None):
     """(method module, run Args, state dict, notes) of a checkpoint written by fsr.py or cifs.py, or
     of a state dict saved by the official code (args.official names its method; args.official_model
     and args.official_dataset what it holds). Whatever makes it unusable is one line that says why."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): "
-                              f"{str(error).splitlines()[0]}") from None
+    raw = read_torch_file(path)
     if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
         module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
         return module, module.args_from_checkpoint(raw["args"], path), raw["model"], []
@@ -1248,10 +1238,7 @@ def write_result(result: dict, out: str, name: str, log=print) -> None:
     """<name>.json (everything), <name>.csv (one row per example) and the plots of its analyses; the
     JSON is written first and atomically, as soon as the checkpoint is done."""
     stem = os.path.join(out, name)
-    tmp = f"{stem}.json.tmp{os.getpid()}"
-    with open(tmp, "w") as file:
-        json.dump(result, file, indent=1, sort_keys=True)
-    os.replace(tmp, stem + ".json")
+    write_text_atomically(stem + ".json", json.dumps(result, indent=1, sort_keys=True))
     with open(stem + ".csv", "w", newline="") as file:
         writer = csv.writer(file)
         names = list(result["per_example"])
@@ -1328,11 +1315,7 @@ def check_outputs(out: str, names: list, overwrite: bool) -> None:
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
                               f"to replace {'it' if len(existing) == 1 else 'them'}")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {parent} is not a writable folder")
+    check_writable(out, "--out")
 
 
 def draw_curves(args: Args, log=print) -> str:

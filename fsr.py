@@ -612,13 +612,13 @@ def check_device(name: str | None) -> None:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def check_writable(run_dir: str) -> None:
-    """The run folder (or the nearest folder above it that exists) must be a writable folder."""
-    existing = os.path.abspath(run_dir)
+def check_writable(folder: str, flag_name: str = "--runs-dir") -> None:
+    """`folder` (or the nearest folder above it that exists) must be a writable folder."""
+    existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--runs-dir: cannot write {run_dir} ({existing} is not a writable folder)")
+        raise ValueError(f"{flag_name}: cannot write {folder} ({existing} is not a writable folder)")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -660,15 +660,20 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_torch_file(path: str, what: str = "checkpoint"):
+    """torch.load(path) on the CPU (tensors and plain containers only), or one line saying why not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{what} {path!r} is unreadable (truncated or not a checkpoint): "
+                              f"{str(error).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: str, method: str = METHOD) -> dict:
     """Load a checkpoint of this method, or explain precisely why not."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a checkpoint): "
-                              f"{str(error).splitlines()[0]}") from None
+    checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or "method" not in checkpoint or "args" not in checkpoint:
         raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
     if checkpoint["method"] != method:
@@ -1055,13 +1060,7 @@ def run(args: Args, log, rank: int, world_size: int) -> dict:
 def initial_weights(path: str, args: Args, log) -> dict:
     """The weights of --init-from: a checkpoint of this method (any settings: the network must fit),
     or a state dict saved by the official code of this method (mapped by official_state_dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init-from {path!r} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"--init-from {path!r} is unreadable (truncated or not a checkpoint): "
-                              f"{str(error).splitlines()[0]}") from None
+    raw = read_torch_file(path, "--init-from")
     if isinstance(raw, dict) and "method" in raw and "args" in raw:
         return load_checkpoint(path)["model"]
     state, notes = official_state_dict(raw, args)
