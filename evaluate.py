@@ -432,24 +432,31 @@ def has_cifs(model: nn.Module) -> bool:
     return any(isinstance(m, CIFS) for m in model.modules())
 
 
-def prepare(path: str, args: Args, log) -> tuple:
-    """(model on the CPU, run Args, method module, (x_all, y_all) of its test split): everything that
-    can fail about a checkpoint before an attack runs (main does this for every checkpoint first)."""
+def load_source(args: Args):
+    """The --transfer-source network on the CPU, or None."""
+    return load_network(args.transfer_source, torch.device("cpu"), args)[0] if args.transfer_source else None
+
+
+def prepare(path: str, args: Args, log, source=None) -> tuple:
+    """(model on the CPU, run Args, method module, (x_all, y_all) of its test split, the transfer
+    source or None): everything that can fail about a checkpoint before an attack runs (main does
+    this for every checkpoint first, with the source loaded once)."""
+    source = source if source is not None else load_source(args)
     model, run_args, module = load_network(path, torch.device("cpu"), args, log)
     x_all, y_all = load_split(run_args, args.data_root, train=False)
     if args.n_examples is not None and args.n_examples > len(y_all):
         raise ValueError(f"--n-examples {args.n_examples}: {path} is evaluated on {run_args.dataset}, whose test "
                          f"split has {len(y_all)} images")
-    if args.transfer_source:
-        check_compatible(load_network(args.transfer_source, torch.device("cpu"), args)[0], model, args.transfer_source)
-    return model, run_args, module, (x_all, y_all)
+    if source is not None:
+        check_compatible(source, model, args.transfer_source)
+    return model, run_args, module, (x_all, y_all), source
 
 
 def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None = None) -> dict:
     check_args(args)
     device = init_distributed(args.device)
-    model, run_args, module, (x_all, y_all) = prepared or prepare(path, args, log)
-    model = model.to(device)
+    model, run_args, module, (x_all, y_all), source = prepared or prepare(path, args, log)
+    model, source = model.to(device), source.to(device) if source is not None else None
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
     attacks.check_epsilon(eps)
@@ -457,7 +464,6 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
         balanced_subset(y_all, args.n_examples, info.num_classes, args.subset_seed)
     x, y = x_all[indices], y_all[indices]
     columns = [a for a in args.attacks.split(",") if a]
-    source = load_network(args.transfer_source, device, args)[0] if args.transfer_source else None
     with torch.no_grad():
         has_heads = bool(label_heads(model(x[:2].to(device))[1]))
     betas = ADAPTIVE_BETAS if args.adaptive and has_heads else ("0",)
@@ -1366,7 +1372,8 @@ def main(argv=None) -> list:
         names = result_names(args.checkpoints)
         check_outputs(out, names, args.overwrite)
         # Every checkpoint (its file, version, weights, test split) before the first attack runs.
-        prepared = [prepare(path, args, log) for path in args.checkpoints]
+        source = load_source(args)
+        prepared = [prepare(path, args, log, source) for path in args.checkpoints]
         results = []
         for path, name, entry in zip(args.checkpoints, names, prepared):
             results.append(evaluate_checkpoint(path, args, log, entry))
