@@ -62,9 +62,12 @@ from torch import nn
 
 import attacks
 from cifs import CIFS
-from fsr import FSR, CheckpointError, OneLineErrors, check_writable, plot_training_curves, read_torch_file, write_text_atomically
+from fsr import FSR
 from fsr import pool as fsr_pool
-from models import DATASETS, MODELS, balanced_subset, dataset_info, load_dataset
+from models import (DATASETS, MODELS, CheckpointError, arg, args_from_checkpoint, balanced_subset, check_writable,
+                    dataset_info, init_distributed, load_dataset, load_weights, pick_device,
+                    plot_training_curves, read_torch_file, write_text_atomically)
+from models import parse_args as parse_args_of
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -110,17 +113,13 @@ CIFS_AUTOATTACK_BETA = "2"
 # Run settings that do not change what a checkpoint is (where, how fast, under which name): two
 # checkpoints that differ only in these and `seed` are seeds of one configuration.
 BOOKKEEPING = ("seed", "run_name", "runs_dir", "resume", "device", "log_interval", "data_root", "compile",
-               "deterministic", "channels_last", "benchmark", "benchmark_steps", "init_from")
-
-
-def arg(default, help: str, type=None):
-    return field(default=default, metadata={"help": help, "type": type})
+               "deterministic", "channels_last", "init_from")
 
 
 @dataclass
 class Args:
     checkpoints: list = arg(None, "checkpoints written by fsr.py or cifs.py, or state dicts saved by the official "
-                            "code (with --official); with --curves, run folders")
+                            "code (with --official); with --curves, run folders", positional=True)
     attacks: str = arg(",".join(MAIN_ATTACKS), "comma-separated columns: " + ", ".join(MAIN_ATTACKS))
     n_examples: int = arg(None, "evaluate a class-balanced subset of this size (default: the full test set)", int)
     subset_seed: int = arg(0, "seed of the subset (its indices are saved)")
@@ -215,16 +214,11 @@ def check_args(args: Args) -> None:
 # =============================================================================================
 
 
-def init_distributed(device_name: str | None) -> torch.device:
+def evaluation_device(device_name: str | None) -> torch.device:
     """The evaluation device; under torchrun (WORLD_SIZE > 1) also joins the process group (NCCL on
-    GPUs, gloo on the CPU), one GPU per process."""
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    GPUs, gloo on the CPU), one GPU per process (models.init_distributed)."""
+    device = pick_device(device_name)
+    init_distributed(device)
     return device
 
 
@@ -277,7 +271,7 @@ def read_checkpoint(path: str, args: Args | None = None):
     raw = read_torch_file(path)
     if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
         module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
-        return module, module.args_from_checkpoint(raw["args"], path), raw["model"], []
+        return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], []
     if args is None or args.official is None:
         raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py (a state dict saved by "
                               f"the official code needs --official fsr or --official cifs)")
@@ -298,7 +292,7 @@ def load_network(path: str, device, args: Args | None = None, log=None):
     for note in notes if log else ():
         log(f"{path}: {note}")
     model = module.build_network(run_args)
-    module.load_weights(model, state, path)
+    load_weights(model, state, path)
     return model.to(device).eval(), run_args, module
 
 
@@ -454,7 +448,7 @@ def prepare(path: str, args: Args, log, source=None) -> tuple:
 
 def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None = None) -> dict:
     check_args(args)
-    device = init_distributed(args.device)
+    device = evaluation_device(args.device)
     model, run_args, module, (x_all, y_all), source = prepared or prepare(path, args, log)
     model, source = model.to(device), source.to(device) if source is not None else None
     info = dataset_info(run_args.dataset)
@@ -1343,19 +1337,7 @@ def draw_curves(args: Args, log=print) -> str:
 
 
 def parse_args(argv=None) -> Args:
-    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help=Args.__dataclass_fields__["checkpoints"].metadata["help"])
-    for f in dataclasses.fields(Args):
-        if f.name == "checkpoints":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is False:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            shown = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, type=f.metadata["type"] or type(f.default), default=f.default,
-                                help=f.metadata["help"] + shown)
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_args_of(Args, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> list:
@@ -1365,7 +1347,7 @@ def main(argv=None) -> list:
         if args.curves:
             draw_curves(args)
             return []
-        init_distributed(args.device)
+        evaluation_device(args.device)
         rank = rank_and_size()[0]
         log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")

@@ -69,16 +69,13 @@ from torchvision import transforms  # noqa: E402
 
 import cifs  # noqa: E402
 import fsr  # noqa: E402
-from models import (DeviceLoader, ImageSplit, build_model, count_flops, count_parameters,  # noqa: E402
-                    dataset_info, make_synthetic)
+from models import (DeviceLoader, ImageSplit, broadcast_buffers, build_model, check_args,  # noqa: E402
+                    clean_and_robust_accuracy, count_flops, count_parameters, data_parallel, dataset_info,
+                    device_settings, input_shape, make_synthetic, pick_device, process_group, seed_everything)
+from models import arg, parse_args as parse_args_of  # noqa: E402
 
 VARIANTS = ("plain", "fsr", "cifs", "reference")
 LABELS = {"plain": "plain", "fsr": "+FSR", "cifs": "+CIFS", "reference": "reference loop"}
-
-
-def arg(default, help: str, type=None, choices=None):
-    """A dataclass field that carries its command-line help (one line per flag)."""
-    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
 
 
 @dataclass
@@ -139,19 +136,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    """argparse from the Args dataclass: kebab-case flags, one help line each."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.default is False:
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-        elif meta["type"] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            kind = meta["type"] or type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"])
-    return Args(**vars(parser.parse_args(argv)))
+    return parse_args_of(Args, argv, __doc__.split("\n\n")[0])
 
 
 # =============================================================================================
@@ -208,9 +193,18 @@ def script_args(script, args: Args, **overrides):
                   model=args.model, strategy=args.strategy, batch_size=args.batch_size, augment=info.augment,
                   epsilon=args.epsilon, attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
                   eval_steps=args.eval_steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                  compile=args.compile, seed=args.seed, benchmark_steps=args.steps, log_interval=1e9)
+                  compile=args.compile, seed=args.seed, log_interval=1e9)
     values.update(overrides)
     return script.Args(**values)
+
+
+def forward_equivalents(args) -> int:
+    """Forward-pass equivalents per training image of a script's settings (an input-only backward ~
+    1 forward, a full backward ~ 2): the attack's steps, the TRADES attack's clean forward, the
+    update passes (two for TRADES and MART)."""
+    attack = 0 if args.strategy == "natural" else 2 * args.attack_steps + (args.strategy == "trades")
+    update = 6 if args.strategy in ("trades", "mart") else 3
+    return attack + update
 
 
 def synchronize(device: torch.device) -> None:
@@ -275,7 +269,7 @@ def peak_tflops(args: Args, device: torch.device, precision: str) -> float | Non
 def training_record(args: Args, device, round_seconds: list, round_steps: list, peak_memory: float | None,
                     forward_equivalents: int, flops: int, precision: str, **extra) -> dict:
     """The figures of one timed training variant. TFLOP/s counts *useful* FLOPs: forward FLOPs per
-    image (models.count_flops) x forward-equivalents per image (the scripts' forward_equivalents).
+    image (models.count_flops) x forward-equivalents per image (forward_equivalents).
     `spread`: (slowest - fastest) / mean seconds per step over the rounds, a noise indicator."""
     seconds = sum(round_seconds)
     images_per_second = sum(round_steps) * args.batch_size / seconds
@@ -310,22 +304,25 @@ class FastPath(NamedTuple):
     batches: object  # iterator of (x, y) on the device
 
 
-def fast_path(script, script_arguments, n_batches: int) -> FastPath:
-    """Model, optimiser and data exactly as the script's train() sets them up (and as its benchmark()
-    does, plus the on-device loader: gather, crop + flip on uint8, float), over n_batches of
-    synthetic images of the run's shape."""
+def fast_path(script, script_arguments, n_batches: int, rank: int = 0, world_size: int = 1) -> FastPath:
+    """Model, optimiser and data exactly as the script's train() sets them up (the on-device loader:
+    gather, crop + flip on uint8, float), over n_batches of synthetic images of the run's shape. Under
+    torchrun (world_size > 1) each process takes its share of every global batch and the update
+    passes are DDP-wrapped, as in train()."""
     args = script.resolve(script_arguments)
-    script.check_args(args)
-    device, amp, autocast, memory_format = script.device_settings(args)
-    script.seed_everything(args.seed, args.deterministic)
-    shape, info = script.input_shape(args), dataset_info(args.dataset)
+    check_args(args, script.METHOD_RANGES, script.check_method_args)
+    device, amp, autocast, memory_format = device_settings(args)
+    seed_everything(args.seed, args.deterministic)
+    shape, info = input_shape(args), dataset_info(args.dataset)
     model = script.build_network(args).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     compute_model = torch.compile(model) if args.compile else model
     update = script.UpdatePasses(compute_model, args.strategy)
+    update = data_parallel(update, device) if world_size > 1 else update
     split = make_synthetic(info.num_classes, shape, n_batches * args.batch_size, args.seed, train=True)
     loader = DeviceLoader(split, args.batch_size, device, shuffle=True, augment=args.augment,
-                          padding=info.padding or 4, seed=args.seed, channels_last=memory_format == torch.channels_last)
+                          padding=info.padding or 4, seed=args.seed, channels_last=memory_format == torch.channels_last,
+                          rank=rank, world_size=world_size)
     return FastPath(args, device, amp, autocast, memory_format, model, compute_model, update, optimizer,
                     loader.epoch(0))
 
@@ -340,26 +337,28 @@ class Prepared(NamedTuple):
     record: object
 
 
-def prepare_fast_path(variant: str, args: Args) -> Prepared:
+def prepare_fast_path(variant: str, args: Args, rank: int = 0, world_size: int = 1) -> Prepared:
     """A fast-path variant (plain, fsr, cifs). The step is the scripts' own training_step +
-    zero_grad + backward + SGD step, as in their train() and benchmark()."""
+    zero_grad + backward + SGD step (+ the BatchNorm broadcast under torchrun), as in their train()."""
     script, overrides = script_of(variant)
-    run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.steps)
+    run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.steps, rank, world_size)
 
     def step(x, y):
         loss, _, _ = script.training_step(run.compute_model, x, y, run.args, 0, run.autocast, run.update)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
+        if world_size > 1:
+            broadcast_buffers(run.model)
 
     def record(round_seconds, round_steps, peak_memory):
         return training_record(args, run.device, round_seconds, round_steps, peak_memory,
-                               script.forward_equivalents(run.args),
-                               count_flops(run.model, script.input_shape(run.args)),
+                               forward_equivalents(run.args),
+                               count_flops(run.model, input_shape(run.args)),
                                "bf16" if run.amp else "fp32", parameters=count_parameters(run.model),
                                channels_last=run.memory_format == torch.channels_last,
                                compiled=bool(run.args.compile), data="on-device uint8 (models.DeviceLoader)",
-                               attack_gradients="input only")
+                               attack_gradients="input only", processes=world_size)
 
     return Prepared(step, run.batches, run.device, record)
 
@@ -369,17 +368,17 @@ def round_sizes(steps: int, rounds: int) -> list[int]:
     return [steps // rounds + (r < steps % rounds) for r in range(rounds)]
 
 
-def time_variants(args: Args, variants: list[str], log=print) -> dict:
+def time_variants(args: Args, variants: list[str], log=print, rank: int = 0, world_size: int = 1) -> dict:
     """Prepare each variant and run its warm-up steps (peak GPU memory is measured there, net of
     what the variants prepared before it hold), then time args.steps steps of every variant in
     args.rounds rounds, interleaved: order a, b, c, then c, b, a, ... Returns {variant: figures}."""
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     prepared, peaks, skipped = {}, {}, {}
     for variant in variants:
         log(f"preparing {LABELS[variant]} ({args.warmup} warm-up steps) ...")
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         reset_peak_memory(device)
-        ready = prepare_reference(args) if variant == "reference" else prepare_fast_path(variant, args)
+        ready = prepare_reference(args) if variant == "reference" else prepare_fast_path(variant, args, rank, world_size)
         if isinstance(ready, str):
             skipped[variant] = {"skipped": ready}
             continue
@@ -492,7 +491,7 @@ def prepare_reference(args: Args) -> Prepared | str:
         # = 1 forward), so that TFLOP/s ratios equal images/s ratios. With weight gradients the
         # attack's backward really costs ~2 forwards: `executed_forward_equivalents` says what ran.
         attack = (3 if args.reference_weight_grads else 2) * args.attack_steps if args.strategy == "at" else 0
-        return training_record(args, device, round_seconds, round_steps, peak_memory, fsr.forward_equivalents(plain),
+        return training_record(args, device, round_seconds, round_steps, peak_memory, forward_equivalents(plain),
                                count_flops(model, shape), "fp32", parameters=count_parameters(model),
                                executed_forward_equivalents=attack + 3, channels_last=False, compiled=False,
                                data=f"DataLoader, PIL transforms, {args.num_workers} workers",
@@ -511,20 +510,20 @@ def time_evaluation(variant: str, args: Args) -> dict:
     the clean and adversarial accuracy forwards) over eval_images images, extrapolated to 10,000."""
     script, overrides = script_of(variant)
     run_args = script.resolve(script_args(script, args, **overrides))
-    device, _, _, memory_format = script.device_settings(run_args)
-    script.seed_everything(run_args.seed, run_args.deterministic)
-    shape = script.input_shape(run_args)
+    device, _, _, memory_format = device_settings(run_args)
+    seed_everything(run_args.seed, run_args.deterministic)
+    shape = input_shape(run_args)
     model = script.build_network(run_args).to(device, memory_format=memory_format).eval()
     split = make_synthetic(num_classes(args), shape, args.eval_images, args.seed, train=False)
     if args.warmup:  # one batch, one PGD step: cuDNN picks its fp32 kernels for this batch size
         first = ImageSplit(split.images[:args.eval_batch_size], split.labels[:args.eval_batch_size], split.num_classes)
-        script.clean_and_robust_accuracy(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
+        clean_and_robust_accuracy(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
                         dataclasses.replace(run_args, eval_steps=1))
     loader = DeviceLoader(split, args.eval_batch_size, device, shuffle=False)
     synchronize(device)
     reset_peak_memory(device)
     started = time.perf_counter()
-    script.clean_and_robust_accuracy(model, loader, run_args)
+    clean_and_robust_accuracy(model, loader, run_args)
     synchronize(device)
     seconds = time.perf_counter() - started
     forward_equivalents = 2 * args.eval_steps + 2  # attack: forward + input-only backward; 2 accuracy forwards
@@ -878,8 +877,13 @@ def markdown(results: dict) -> str:
 
 
 def run(args: Args, argv: list[str] | None = None, log=print) -> dict:
-    """Everything the flags ask for; returns the results (also written to args.out as JSON)."""
+    """Everything the flags ask for; returns the results (also written to args.out as JSON).
+    Under `torchrun --nproc_per_node=N` the fast-path variants are timed data-parallel (each
+    process its share of the global --batch-size, through DDP as in the scripts' train();
+    images/s are global); only rank 0 logs and writes."""
     args = resolve(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return run_data_parallel(args, argv, log)
     results = {"settings": dataclasses.asdict(args), "environment": environment(args, argv or []),
                "variants": {}, "evaluation": {}, "out": args.out}
     results["variants"] = time_variants(args, variant_list(args), log)
@@ -904,12 +908,40 @@ def run(args: Args, argv: list[str] | None = None, log=print) -> dict:
     return results
 
 
+def run_data_parallel(args: Args, argv: list[str] | None, log) -> dict:
+    """The fast-path variants under torchrun; the reference loop, the evaluation, the accuracy check
+    and the profile are single-process measurements and are refused here in one line."""
+    if set(variant_list(args)) - {"plain", "fsr", "cifs"} or args.eval_images or args.accuracy_check or args.profile:
+        raise ValueError("under torchrun only the fast-path training variants are timed: pass --variants "
+                         "plain,fsr,cifs (or a part) and --eval-images 0, without --accuracy-check and --profile")
+    with process_group(args) as (rank, world_size):
+        log = log if rank == 0 else (lambda *_: None)
+        results = {"settings": dataclasses.asdict(args), "environment": environment(args, argv or []),
+                   "processes": world_size, "out": args.out,
+                   "variants": time_variants(args, variant_list(args), log, rank, world_size)}
+    results["ratios"] = ratios(results["variants"])
+    results["report"] = "\n".join(
+        f"{LABELS[v]}: {r['images_per_second']:.0f} img/s ({world_size} processes x {args.batch_size // world_size} "
+        f"images), {r['seconds_per_epoch']:.1f} s/epoch, {r['tflops_per_second']:.3f} TFLOP/s, "
+        f"{r['parameters'] / 1e6:.2f} M params, {r['forward_gflops']:.4f} GFLOPs/image"
+        for v, r in results["variants"].items())
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as file:
+            json.dump(results, file, indent=2)
+    log(results["report"])
+    return results
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return run(args, argv)
+    try:
+        return run(args, argv)
+    except ValueError as error:  # a bad setting: one line, no traceback
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
 torch.set_num_threads(1)
 
 
@@ -39,7 +40,7 @@ def main():
             return rng_states(device)
         module.rng_states = interrupting
     try:
-        module.train(module.parse_args(flags))
+        module.train(models.parse_args(module.Args, flags))
     except Interrupted:
         pass
     torch.save(built[0].state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))

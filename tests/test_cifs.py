@@ -1,6 +1,6 @@
 """cifs.py as a training script: per-dataset defaults, where the CIFS
 modules go, the losses of every strategy by hand, the training attack, the training step, short
-learning runs on synthetic data, warm start, resume, errors, benchmark and the command line.
+learning runs on synthetic data, warm start, resume, errors and the command line.
 
 The module itself (relevance, masks, labels mechanism, cifs_loss) is tested in test_cifs_module.py.
 Everything runs on the CPU: smallcnn on 3x16x16 synthetic images.
@@ -585,7 +585,7 @@ def test_short_run_learns(tmp_path, strategy, no_cifs):
     assert lines[-1]["val_clean"] == metrics["val_clean"]
     saved = json.loads((run / "args.json").read_text())
     assert saved["strategy"] == strategy and saved["no_cifs"] == no_cifs and saved["model"] == "smallcnn"
-    checkpoint = cifs.load_checkpoint(str(run / "last.pt"))
+    checkpoint = models.load_checkpoint(str(run / "last.pt"), "cifs")
     assert checkpoint["method"] == "cifs" and checkpoint["epoch"] == args.epochs
     assert any("inserted" in k for k in checkpoint["model"]) != no_cifs
 
@@ -618,7 +618,7 @@ def test_init_from_warm_starts_the_weights(natural_run, tmp_path):
                "--epochs", "1", "--lr", "1e-30", "--momentum", "0", "--weight-decay", "0", "--monitor-size", "0",
                "--init-from", str(natural_run / "last.pt"), "--runs-dir", str(tmp_path), "--run-name", "warm",
                "--device", "cpu", "--log-interval", "1e9", "--eval-steps", "1"])
-    warm = cifs.load_checkpoint(str(tmp_path / "warm" / "last.pt"))
+    warm = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
     assert warm["epoch"] == 1 and warm["args"]["strategy"] == "at" and warm["args"]["init_from"]
     params = parameters_of(warm["model"], fresh)
     assert params.keys() == parameters_of(natural, fresh).keys() and len(params) == len(list(fresh.parameters()))
@@ -658,15 +658,15 @@ def test_resume_is_bitwise_equivalent(tmp_path):
     with pytest.raises(Interrupted):
         cifs.train(small_args(tmp_path, run_name="b", **settings), log=interrupt_at("epoch 2/3"))
     b = tmp_path / "b"
-    assert cifs.load_checkpoint(str(b / "last.pt"))["epoch"] == 2  # saved before the summary line
+    assert models.load_checkpoint(str(b / "last.pt"), "cifs")["epoch"] == 2  # saved before the summary line
     assert len((b / "metrics.jsonl").read_text().splitlines()) == 2
 
     resumed = []
     cifs.train(cifs.Args(resume=str(b / "last.pt"), device="cpu"), log=resumed.append)
     assert any(line.startswith("resumed") for line in resumed)
 
-    final_a = cifs.load_checkpoint(str(tmp_path / "a" / "last.pt"))
-    final_b = cifs.load_checkpoint(str(b / "last.pt"))
+    final_a = models.load_checkpoint(str(tmp_path / "a" / "last.pt"), "cifs")
+    final_b = models.load_checkpoint(str(b / "last.pt"), "cifs")
     assert final_a["epoch"] == final_b["epoch"] == 3
     assert final_a["model"].keys() == final_b["model"].keys()
     for name, value in final_a["model"].items():
@@ -688,7 +688,7 @@ def test_resume_is_bitwise_equivalent(tmp_path):
 def test_checkpoint_of_another_method_is_refused(natural_run, tmp_path):
     path = relabelled_as_fsr(natural_run, tmp_path / "last.pt")
     with pytest.raises(cifs.CheckpointError, match="fsr"):
-        cifs.load_checkpoint(str(path))
+        models.load_checkpoint(str(path), "cifs")
     with pytest.raises(SystemExit) as exit_info:
         cifs.main(["--resume", str(path), "--device", "cpu"])
     assert str(exit_info.value.code).startswith("error:") and "fsr" in str(exit_info.value.code)
@@ -699,7 +699,7 @@ def test_truncated_checkpoint_is_refused(natural_run, tmp_path):
     truncated = tmp_path / "last.pt"
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(cifs.CheckpointError, match="unreadable|truncated"):
-        cifs.load_checkpoint(str(truncated))
+        models.load_checkpoint(str(truncated), "cifs")
     with pytest.raises(SystemExit) as exit_info:
         cifs.main(["--resume", str(truncated)])
     message = str(exit_info.value.code)
@@ -746,22 +746,8 @@ def test_new_run_into_an_existing_run_folder_is_refused(natural_run):
 
 
 # =============================================================================================
-# 11. Benchmark, 12. the command line
+# 11-12. Import, the command line
 # =============================================================================================
-
-
-@pytest.mark.parametrize("no_cifs", [False, True])
-def test_benchmark(no_cifs):
-    lines = []
-    result = cifs.benchmark(cifs.Args(dataset="synthetic", synthetic_shape="3,16,16", device="cpu", batch_size=16,
-                                      benchmark_steps=2, attack_steps=2, no_cifs=no_cifs), log=lines.append)
-    assert result["images_per_second"] > 0 and math.isfinite(result["images_per_second"])
-    assert result["forward_gflops"] > 0 and result["plain_forward_gflops"] > 0
-    if no_cifs:
-        assert result["parameters"] == result["plain_parameters"]
-    else:
-        assert result["parameters"] > result["plain_parameters"]
-    assert lines[-1].startswith("cifs benchmark") and lines[0].startswith("warming up")
 
 
 def test_import_runs_nothing(tmp_path):
@@ -800,15 +786,15 @@ def test_learning_rate_of_every_epoch_is_the_official_multisteplr(dataset):
 
 
 def test_fp32_by_default_amp_opt_in_channels_last_tri_state():
-    assert cifs.parse_args([]).amp is False and cifs.parse_args([]).channels_last is None
-    assert cifs.parse_args(["--amp", "--no-channels-last"]).amp is True
-    assert cifs.parse_args(["--no-channels-last"]).channels_last is False
+    assert models.parse_args(cifs.Args, []).amp is False and models.parse_args(cifs.Args, []).channels_last is None
+    assert models.parse_args(cifs.Args, ["--amp", "--no-channels-last"]).amp is True
+    assert models.parse_args(cifs.Args, ["--no-channels-last"]).channels_last is False
 
 
 def test_parse_args_round_trip():
-    a = cifs.parse_args(["--dataset", "fmnist", "--no-cifs", "--mask-fn", "sigmoid", "--softmax-scale", "2",
+    a = models.parse_args(cifs.Args, ["--dataset", "fmnist", "--no-cifs", "--mask-fn", "sigmoid", "--softmax-scale", "2",
                          "--top-k", "3", "--official-scale", "--init-from", "x.pt", "--probes", "linear,linear"])
     assert (a.dataset, a.no_cifs, a.mask_fn, a.softmax_scale, a.top_k, a.official_scale, a.init_from, a.probes) == \
         ("fmnist", True, "sigmoid", 2.0, 3, True, "x.pt", "linear,linear")
     assert a.epochs is None and a.positions is None  # left for resolve
-    assert cifs.parse_args([]) == cifs.Args()
+    assert models.parse_args(cifs.Args, []) == cifs.Args()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cifs
+import models
 import evaluate
 import fsr
 
@@ -71,7 +72,7 @@ def test_identical_weights_and_a_checkpoint_from_rank_zero_only(fsr_two_processe
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # written once per epoch: rank 0 alone
     assert stdout.count("epoch 2/2 |") == 1 and "2 processes x 16 images" in stdout
-    checkpoint = fsr.load_checkpoint(str(run / "last.pt"))
+    checkpoint = models.load_checkpoint(str(run / "last.pt"), "fsr")
     assert_same(checkpoint["model"], rank0, rank0.keys())
     assert len(checkpoint["rng"]) == 2  # every process's random state, for an exact resume
     assert not torch.equal(checkpoint["rng"][0][0], checkpoint["rng"][1][0])  # attack noise differs per rank
@@ -82,12 +83,12 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(fsr_two_processes, tm
     train_under_torchrun("fsr", tmp_path / "weights", tmp_path / "runs", "b", "--strategy", "trades", "--epochs", "2",
                          stop=1)
     last = tmp_path / "runs" / "b" / "last.pt"
-    saved = fsr.load_checkpoint(str(last))
+    saved = models.load_checkpoint(str(last), "fsr")
     assert saved["epoch"] == 1 and not torch.equal(saved["model"]["conv1.0.weight"], uninterrupted["conv1.0.weight"])
     stdout, (resumed, _) = train_under_torchrun("fsr", tmp_path / "resumed", None, None, "--resume", str(last))
     assert "resumed" in stdout
     assert_same(resumed, uninterrupted, uninterrupted.keys())  # bitwise, buffers included
-    assert_same(fsr.load_checkpoint(str(last))["model"], uninterrupted, uninterrupted.keys())
+    assert_same(models.load_checkpoint(str(last), "fsr")["model"], uninterrupted, uninterrupted.keys())
 
 
 # Sign-gradient attacks amplify rounding: in one process, a 1e-7 relative change of the initial
@@ -103,10 +104,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
     flags = (*flags, "--no-random-start", "--sync-bn")
     _, (rank0, rank1) = train_under_torchrun(method, tmp_path / "weights", tmp_path / "runs", "two", *flags)
     assert_same(rank0, rank1, rank0.keys())  # SyncBatchNorm: the running statistics agree too
-    args = module.parse_args([*TINY, "--runs-dir", str(tmp_path / "runs"), "--run-name", "one", *flags])
+    args = models.parse_args(module.Args, [*TINY, "--runs-dir", str(tmp_path / "runs"), "--run-name", "one", *flags])
     one = module.train(args, log=lambda *_: None)
-    single = module.load_checkpoint(str(tmp_path / "runs" / "one" / "last.pt"))
-    two = module.load_checkpoint(str(tmp_path / "runs" / "two" / "last.pt"))
+    single = models.load_checkpoint(str(tmp_path / "runs" / "one" / "last.pt"), module.METHOD)
+    two = models.load_checkpoint(str(tmp_path / "runs" / "two" / "last.pt"), module.METHOD)
     assert_same(single["model"], rank0, rank0.keys(), relative=1e-5)
     assert two["metrics"]["val_robust"] == one["val_robust"] and two["metrics"]["val_clean"] == one["val_clean"]
     assert two["metrics"]["monitor_robust"] == one["monitor_robust"]  # the monitored test images, sharded
@@ -125,3 +126,26 @@ def test_sharded_evaluation_equals_one_process(fsr_two_processes, tmp_path):
     for report in (one, two):
         report.pop("timings")
     assert one == two
+
+
+def test_speed_driver_times_the_fast_path_data_parallel(tmp_path):
+    """benchmarks/speed.py under torchrun (what `fsr.py --benchmark` did there before): each process
+    times its share of the global batch through DDP; the JSON, from rank 0 only, says so; the
+    reference loop is a one-process measurement and is refused in one line."""
+    out = tmp_path / "speed.json"
+    common = ("--device", "cpu", "--model", "smallcnn", "--shape", "3,16,16", "--batch-size", "16",
+              "--attack-steps", "1", "--steps", "2", "--warmup", "1", "--eval-images", "0")
+    stdout = torchrun(os.path.join(ROOT, "benchmarks", "speed.py"), *common, "--variants", "plain,fsr",
+                      "--out", str(out))
+    results = json.loads(out.read_text())
+    assert results["processes"] == 2
+    for variant in ("plain", "fsr"):
+        figures = results["variants"][variant]
+        assert figures["processes"] == 2 and figures["images_per_second"] > 0
+    assert results["variants"]["fsr"]["parameters"] > results["variants"]["plain"]["parameters"]
+    assert stdout.count("+FSR:") == 1  # rank 0 alone reports
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(ROOT, "benchmarks", "speed.py"), *common, "--variants", "plain,reference"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "error: under torchrun only the fast-path" in refused.stderr

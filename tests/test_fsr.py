@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import attacks
 import fsr
+import models
 from models import count_flops, count_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,33 +242,30 @@ FINAL = torch.tensor([[1.0, -3.0, 0.5], [2.0, 1.0, 0.0]])
 
 
 def test_fsr_loss_one_module_by_hand():
-    args = fsr.Args(lambda_sep=0.3, lambda_rec=2.5)
     heads = heads_example(0.0)
     sep, rec = expected_fsr_terms(heads, Y, torch.tensor([2, 0]))
-    loss, parts = fsr.fsr_loss(FINAL, [heads], Y, args)
+    loss, parts = fsr.fsr_loss(FINAL, [heads], Y, lambda_sep=0.3, lambda_rec=2.5)
     torch.testing.assert_close(loss, 0.3 * sep + 2.5 * rec)
     torch.testing.assert_close(parts["sep"], sep)
     torch.testing.assert_close(parts["rec"], rec)
 
 
 def test_fsr_loss_averages_over_two_modules():
-    args = fsr.Args(lambda_sep=0.7, lambda_rec=0.2)
     first, second = heads_example(0.0), heads_example(0.4)
     sep1, rec1 = expected_fsr_terms(first, Y, torch.tensor([2, 0]))
     sep2, rec2 = expected_fsr_terms(second, Y, torch.tensor([2, 0]))
-    loss, _ = fsr.fsr_loss(FINAL, [first, second], Y, args)
+    loss, _ = fsr.fsr_loss(FINAL, [first, second], Y, lambda_sep=0.7, lambda_rec=0.2)
     torch.testing.assert_close(loss, (0.7 * (sep1 + sep2) + 0.2 * (rec1 + rec2)) / 2)
 
 
 def test_fsr_loss_uses_the_y_prime_variant():
-    args = fsr.Args(y_prime="uniform", lambda_sep=1.0, lambda_rec=0.0)
     heads = heads_example(0.0)
     expected = ce(heads["robust"], Y) - (log_softmax(heads["non_robust"]).sum(1) / 3).mean()
-    torch.testing.assert_close(fsr.fsr_loss(FINAL, [heads], Y, args)[0], expected)
+    torch.testing.assert_close(fsr.fsr_loss(FINAL, [heads], Y, 1.0, 0.0, "uniform")[0], expected)
 
 
 def test_fsr_loss_is_zero_for_the_vanilla_backbone():
-    loss, parts = fsr.fsr_loss(FINAL, [], Y, fsr.Args())
+    loss, parts = fsr.fsr_loss(FINAL, [], Y)
     assert loss.item() == 0 and parts == {}
 
 
@@ -421,7 +419,7 @@ def test_short_run_learns_and_writes_its_files(tmp_path, strategy, no_fsr):
     assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
     saved = json.loads((run / "args.json").read_text())
     assert (saved["strategy"], saved["no_fsr"], saved["model"]) == (strategy, no_fsr, "smallcnn")
-    checkpoint = fsr.load_checkpoint(str(run / "last.pt"))
+    checkpoint = models.load_checkpoint(str(run / "last.pt"), "fsr")
     assert any(key.startswith("inserted.") for key in checkpoint["model"]) != no_fsr
 
 
@@ -461,10 +459,10 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     fsr.train(fsr.Args(run_name="a", **settings), **QUIET)
     with pytest.raises(Interrupt):
         fsr.train(fsr.Args(run_name="b", **settings), log=interrupt_after_epoch(2))
-    assert fsr.load_checkpoint(str(tmp_path / "b" / "last.pt"))["epoch"] == 2
+    assert models.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")["epoch"] == 2
     fsr.train(fsr.Args(resume=str(tmp_path / "b" / "last.pt"), device="cpu"), **QUIET)
-    a = fsr.load_checkpoint(str(tmp_path / "a" / "last.pt"))
-    b = fsr.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    a = models.load_checkpoint(str(tmp_path / "a" / "last.pt"), "fsr")
+    b = models.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")
     assert a["epoch"] == b["epoch"] == 3
     assert state_dicts_equal(a["model"], b["model"])
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -475,7 +473,7 @@ def test_checkpoint_of_another_method_is_refused(tiny_run, tmp_path):
     checkpoint["method"] = "cifs"
     torch.save(checkpoint, tmp_path / "cifs.pt")
     with pytest.raises(fsr.CheckpointError, match="cifs"):
-        fsr.load_checkpoint(str(tmp_path / "cifs.pt"))
+        models.load_checkpoint(str(tmp_path / "cifs.pt"), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(tmp_path / "cifs.pt")])
     assert str(exit_info.value.code).startswith("error:") and "cifs" in str(exit_info.value.code)
@@ -486,7 +484,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path
     truncated = tmp_path / "last.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(fsr.CheckpointError, match="truncated|unreadable"):
-        fsr.load_checkpoint(str(truncated))
+        models.load_checkpoint(str(truncated), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(truncated)])
     assert str(exit_info.value.code).startswith("error:")
@@ -494,7 +492,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path
 
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
-        fsr.load_checkpoint(str(tmp_path / "nothing.pt"))
+        models.load_checkpoint(str(tmp_path / "nothing.pt"), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(tmp_path / "nothing.pt")])
     assert str(exit_info.value.code).startswith("error:")
@@ -532,7 +530,7 @@ def test_new_run_in_a_folder_with_a_run_is_refused(tiny_run):
 # =============================================================================================
 
 def test_kebab_case_flags_map_to_fields():
-    args = fsr.parse_args(["--no-fsr", "--lambda-sep", "0.5", "--lambda-rec", "2", "--y-prime", "uniform",
+    args = models.parse_args(fsr.Args, ["--no-fsr", "--lambda-sep", "0.5", "--lambda-rec", "2", "--y-prime", "uniform",
                            "--attack-step-size", "0.01", "--synthetic-shape", "1,8,8", "--no-separation"])
     assert args.no_fsr and args.no_separation and not args.no_recalibration
     assert (args.lambda_sep, args.lambda_rec, args.y_prime) == (0.5, 2.0, "uniform")
@@ -540,16 +538,16 @@ def test_kebab_case_flags_map_to_fields():
 
 
 def test_fp32_by_default_and_amp_opt_in():
-    assert fsr.parse_args([]).amp is False and fsr.device_settings(fsr.resolve(fsr.Args(device="cpu")))[1] is False
-    assert fsr.parse_args(["--amp"]).amp is True
+    assert models.parse_args(fsr.Args, []).amp is False and fsr.device_settings(fsr.resolve(fsr.Args(device="cpu")))[1] is False
+    assert models.parse_args(fsr.Args, ["--amp"]).amp is True
 
 
 def test_no_flags_give_the_dataclass_defaults():
-    assert fsr.parse_args([]) == fsr.Args()
+    assert models.parse_args(fsr.Args, []) == fsr.Args()
 
 
 def test_cifar10_defaults():
-    args = fsr.resolve(fsr.parse_args([]))
+    args = fsr.resolve(models.parse_args(fsr.Args, []))
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.milestones) == ("resnet18", 100, 0.1, 5e-4, "74,89")
     assert (args.val_size, args.amp, args.random_start, args.positions) == (0, False, True, "layer4")
     assert (args.attack_steps, args.augment) == (10, "crop_flip")
@@ -558,23 +556,23 @@ def test_cifar10_defaults():
 
 
 def test_svhn_defaults():
-    args = fsr.resolve(fsr.parse_args(["--dataset", "svhn"]))
+    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "svhn"]))
     assert (args.lr, args.augment) == (0.01, "none")
     assert args.attack_step_size == pytest.approx(1 / 255)  # eps / 8
 
 
 def test_fmnist_defaults():
-    args = fsr.resolve(fsr.parse_args(["--dataset", "fmnist"]))
+    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "fmnist"]))
     assert (args.model, args.attack_steps) == ("resnet10", 20)
     assert args.epsilon == pytest.approx(0.3) and args.attack_step_size == pytest.approx(0.02)
 
 
 def test_vgg16_default_position_is_stage4():
-    assert fsr.resolve(fsr.parse_args(["--model", "vgg16"])).positions == "stage4"
+    assert fsr.resolve(models.parse_args(fsr.Args, ["--model", "vgg16"])).positions == "stage4"
 
 
 def test_explicit_flags_override_dataset_defaults():
-    args = fsr.resolve(fsr.parse_args(["--dataset", "svhn", "--model", "vgg16", "--lr", "0.05", "--epochs", "7",
+    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "svhn", "--model", "vgg16", "--lr", "0.05", "--epochs", "7",
                                        "--augment", "crop_flip", "--epsilon", "0.02", "--attack-step-size", "0.004",
                                        "--attack-steps", "3", "--milestones", "5", "--positions", "stage3"]))
     assert (args.model, args.lr, args.epochs, args.augment) == ("vgg16", 0.05, 7, "crop_flip")
@@ -583,7 +581,7 @@ def test_explicit_flags_override_dataset_defaults():
 
 
 def test_eps_relative_step_follows_an_explicit_epsilon():
-    assert fsr.resolve(fsr.parse_args(["--epsilon", "0.04"])).attack_step_size == pytest.approx(0.01)
+    assert fsr.resolve(models.parse_args(fsr.Args, ["--epsilon", "0.04"])).attack_step_size == pytest.approx(0.01)
 
 
 def official_fsr_learning_rate(epoch: int, lr: float = 0.1) -> float:
@@ -605,16 +603,8 @@ def test_learning_rate_of_every_epoch_is_the_official_fsr_rule():
 
 
 # =============================================================================================
-# 14-15. Benchmark, import, --help
+# 14-15. Import, --help
 # =============================================================================================
-
-def test_benchmark_reports_speed_and_sizes():
-    result = fsr.benchmark(fsr.Args(dataset="synthetic", synthetic_shape="3,16,16", device="cpu", batch_size=16,
-                                    benchmark_steps=2, attack_steps=2), **QUIET)
-    assert result["images_per_second"] > 0 and result["tflops_per_second"] > 0
-    assert result["parameters"] > result["plain_parameters"]
-    assert result["forward_gflops"] > result["plain_forward_gflops"]
-
 
 def test_importing_fsr_runs_nothing(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
@@ -629,8 +619,9 @@ def test_help_lists_kebab_case_flags(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for flag in ("--no-fsr", "--lambda-sep", "--y-prime", "--no-separation", "--binary-mask", "--runs-dir",
-                 "--amp", "--resume", "--benchmark", "--train-size", "--val-size", "--monitor-size"):
+                 "--amp", "--resume", "--train-size", "--val-size", "--monitor-size"):
         assert flag in done.stdout
     assert "--no_fsr" not in done.stdout and "--lambda_sep" not in done.stdout
+    assert "--benchmark" not in done.stdout  # timing lives in benchmarks/speed.py
     assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout
     assert "resnet18,resnet10,resnet50,vgg16,wrn34_10,wrn28_10,smallcnn" in done.stdout  # the valid backbones

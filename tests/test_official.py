@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cifs
+import models
 import fsr
 
 WIDTHS = (64, 128, 256, 512)
@@ -303,7 +304,7 @@ def test_init_from_reads_an_official_checkpoint(tmp_path):
                          strategy="natural", lr=1e-30, momentum=0.0, weight_decay=0.0, monitor_size=0,
                          device="cpu", init_from=str(tmp_path / "ckp_latest.pt"), runs_dir=str(tmp_path),
                          run_name="warm", log_interval=1e9), log=lines.append)
-    warm = cifs.load_checkpoint(str(tmp_path / "warm" / "last.pt"))["model"]
+    warm = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")["model"]
     assert torch.equal(warm["stem.0.weight"], state["conv1.weight"])
     assert torch.equal(warm["inserted.layer4_1.head.0.weight"], state["layer4.1.Probe.Probe.1.weight"])
     assert any(line.startswith("--init-from: read the checkpoint's 'state_dict' entry") for line in lines)

@@ -188,7 +188,7 @@ def kill_flags(runs, name):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     runs = tmp_path_factory.mktemp("kill")
-    fsr.train(fsr.parse_args(kill_flags(runs, "whole")), log=lambda *_: None)
+    fsr.train(models.parse_args(fsr.Args, kill_flags(runs, "whole")), log=lambda *_: None)
     return runs
 
 
@@ -200,7 +200,7 @@ def test_sigkill_then_resume_loses_nothing(uninterrupted, when):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     run = runs / when
-    killed = fsr.load_checkpoint(str(run / "last.pt"))
+    killed = models.load_checkpoint(str(run / "last.pt"), "fsr")
     assert killed["epoch"] == (1 if when == "during-save" else 2)
     if when == "during-save":
         assert any(".tmp" in name for name in os.listdir(run))  # the half-written file is still there
@@ -208,10 +208,10 @@ def test_sigkill_then_resume_loses_nothing(uninterrupted, when):
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
     lines = []
-    fsr.train(fsr.parse_args(["--resume", str(run / "last.pt"), "--device", "cpu"]), log=lines.append)
+    fsr.train(models.parse_args(fsr.Args, ["--resume", str(run / "last.pt"), "--device", "cpu"]), log=lines.append)
     assert not any(".tmp" in name for name in os.listdir(run))
     assert (when == "during-save") == any("interrupted save" in line for line in lines)
-    final, whole = fsr.load_checkpoint(str(run / "last.pt")), fsr.load_checkpoint(str(runs / "whole" / "last.pt"))
+    final, whole = models.load_checkpoint(str(run / "last.pt"), "fsr"), models.load_checkpoint(str(runs / "whole" / "last.pt"), "fsr")
     assert final["epoch"] == 3
     for key, value in whole["model"].items():
         assert torch.equal(value, final["model"][key]), key
@@ -342,7 +342,7 @@ def test_curves_png_holds_the_metrics_file(tmp_path):
     fsr.train(tiny(fsr, tmp_path), log=lambda *_: None)
     run = tmp_path / "run"
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = fsr.training_curves_figure([str(run), str(run)])
+    figure = models.training_curves_figure([str(run), str(run)])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses, accuracy, held_out = figure.axes
     plotted = {line.get_label(): list(line.get_ydata()) for line in losses.lines}

@@ -20,6 +20,7 @@ import torch
 import attacks
 import cifs
 import fsr
+import models
 from benchmarks import speed
 from models import build_model, make_synthetic
 
@@ -231,17 +232,30 @@ def test_profiled_step_is_the_scripts_training_step(tmp_path, script, variant, s
     assert any(p.grad is not None for p in run.model.parameters())  # the update ran
 
 
-def test_fast_path_counts_match_the_scripts_benchmark(tmp_path):
-    """The driver times the scripts' own training: same network, FLOPs and forward-equivalents as
-    `fsr.py --benchmark` / `cifs.py --benchmark`."""
+def test_fast_path_counts_are_those_of_the_scripts_networks(tmp_path):
+    """The driver times the scripts' own networks: the FLOPs and parameters it reports are those of
+    the network fsr.py / cifs.py build for the same settings (plain: the backbone alone)."""
     args = speed.resolve(tiny(tmp_path, shape="3,8,8", batch_size=8, attack_steps=1, steps=1, warmup=0))
     for script, variant in ((fsr, "fsr"), (cifs, "cifs"), (fsr, "plain")):
-        overrides = speed.script_of(variant)[1]
-        theirs = script.benchmark(speed.script_args(script, args, **overrides), **QUIET)
+        network = script.build_network(script.resolve(speed.script_args(script, args, **speed.script_of(variant)[1])))
         ours = speed.time_variants(args, [variant], **QUIET)[variant]
-        assert ours["forward_gflops"] == pytest.approx(theirs["forward_gflops"])
-        assert ours["parameters"] == theirs["parameters"]
+        assert ours["forward_gflops"] == pytest.approx(models.count_flops(network, (3, 8, 8)) / 1e9)
+        assert ours["parameters"] == models.count_parameters(network)
         assert ours["images_per_second"] > 0
+    assert models.count_parameters(build_model("smallcnn", 10, (3, 8, 8))) == \
+        speed.time_variants(args, ["plain"], **QUIET)["plain"]["parameters"]
+
+
+@pytest.mark.parametrize("variant", ["fsr", "cifs"])
+def test_the_method_costs_parameters_and_flops_over_the_plain_backbone(tmp_path, variant):
+    """What `fsr.py --benchmark` / `cifs.py --benchmark` reported before it moved here: speed, and
+    the method's parameters and FLOPs above the backbone's."""
+    args = speed.resolve(tiny(tmp_path, batch_size=16, attack_steps=2, steps=2, warmup=0))
+    figures = speed.time_variants(args, ["plain", variant], **QUIET)
+    assert figures[variant]["images_per_second"] > 0 and figures[variant]["tflops_per_second"] > 0
+    assert figures[variant]["parameters"] > figures["plain"]["parameters"]
+    assert figures[variant]["forward_gflops"] > figures["plain"]["forward_gflops"]
+    assert figures[variant]["forward_equivalents"] == figures["plain"]["forward_equivalents"] == 2 * 2 + 3
 
 
 def test_accuracy_check_through_the_cli(tmp_path, monkeypatch, capsys):
