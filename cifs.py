@@ -273,6 +273,10 @@ class CIFS(nn.Module):
     def extra_repr(self) -> str:
         return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
 
+    # Never compiled (runs eagerly inside a --compile network): in train mode the probe learns through
+    # g (create_graph), i.e. a double backward through the probe, which torch.compile's AOTAutograd
+    # graphs do not support ("does not currently support double backward"; tests/test_cuda_paths.py).
+    @torch.compiler.disable
     def relevance(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
         # enable_grad: the relevance is itself a gradient, needed even under torch.no_grad().

@@ -705,6 +705,16 @@ _TORCHVISION_FILES = {
 }
 
 
+def _torchvision_files(name: str, train: bool) -> list:
+    """The files under root that torchvision reads (and checks) for one split."""
+    if name == "svhn":
+        return ["train_32x32.mat" if train else "test_32x32.mat"]
+    if name == "cifar10":
+        return [os.path.join("cifar-10-batches-py", f) for f in
+                (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")]
+    return [os.path.join("cifar-100-python", f) for f in ("train", "test", "meta")]
+
+
 def _has_scipy() -> bool:
     try:
         import scipy.io  # noqa: F401  (torchvision's SVHN reads .mat files with it)
@@ -734,6 +744,13 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Imag
     except (RuntimeError, OSError, urllib.error.URLError) as e:
         # torchvision says "Dataset not found or corrupted" or raises a network
         # error; neither tells the user where to put which files.
+        if all(os.path.isfile(os.path.join(root, f)) for f in _torchvision_files(name, train)):
+            # All there: torchvision refused them on its MD5 check. "Not found" would send the
+            # user looking for files that are in place (tests/test_dataset_formats.py).
+            raise DatasetNotFoundError(
+                f"dataset {name!r}: the files are under root {root!r} ({expected.replace('<root>', root)}) but "
+                f"fail torchvision's MD5 check (an incomplete or altered download?): delete them and get them "
+                f"again from {url}") from e
         raise _not_found(name, root, expected, url) from e
     if name == "svhn":
         images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already N x 3 x 32 x 32
