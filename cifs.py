@@ -45,8 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import attacks
 from models import (MODELS, DATASETS, DeviceLoader, Network, balanced_subset, build_model, convert_sync_batchnorm,
-                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, split_validation,
-                    subset)
+                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, set_tf32,
+                    split_validation, subset)
 
 METHOD = "cifs"
 
@@ -112,6 +112,8 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
     amp: bool = arg(False, "opt-in bf16 autocast for training and the training attack (default fp32, as the paper)")
+    strict_fp32: bool = arg(False, "fp32 convolutions without TF32 on Ampere/Hopper GPUs (PyTorch's default, which "
+                            "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
     sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
@@ -123,6 +125,11 @@ class Args:
                       "--eval-every may change)", str)
     init_from: str = arg(None, "start from the weights of a cifs.py checkpoint or of a state dict saved by the "
                          "official ResNet-18 script (the authors' warm start)", str)
+    official_softmax_scale: float = arg(None, "with --init-from an official CIFS file: the mask scale it was trained "
+                                        "with, which the file does not record: 1 (the released "
+                                        "models/nets/resnet_CIFS.py) or 2 (the first public resnet_CIFS.py and the "
+                                        "modules behind the published tables); also the run's --softmax-scale "
+                                        "unless that is given", float)
     log_interval: float = arg(30.0, "seconds between progress lines within an epoch (the first after 5 s)")
     benchmark: bool = arg(False, "time training steps on random data of the dataset's shape, then exit")
     benchmark_steps: int = arg(20, "timed steps of --benchmark")
@@ -265,8 +272,9 @@ class CIFS(nn.Module):
         # Set only by `cifs_labels` for the duration of one train-mode forward; a plain attribute
         # (not a buffer), so it never enters the state dict.
         self.labels: torch.Tensor | None = None
-        # Opt-in (evaluate.py --differentiable-mask, an adaptive attack neither paper ran): the
-        # relevance is taken on u itself with create_graph, so input gradients flow through m.
+        # Set by evaluate.py for its "(through mask)" columns (on by default for CIFS models, off with
+        # --no-through-mask; an adaptive attack neither paper ran), via evaluate.differentiable_masks:
+        # the relevance is taken on u itself with create_graph, so input gradients flow through m.
         self.differentiable_mask = False
 
     def extra_repr(self) -> str:
@@ -346,8 +354,8 @@ def resolve(args: Args) -> Args:
         resolved.attack_step_size = defaults["step"] * resolved.epsilon
     if resolved.hidden is None:
         resolved.hidden = 240 if resolved.model == "wrn28_10" else 128
-    if resolved.softmax_scale is None:
-        resolved.softmax_scale = SOFTMAX_SCALE.get(resolved.model, 1.0)
+    if resolved.softmax_scale is None:  # warm start from an official file: its own scale, unless --softmax-scale
+        resolved.softmax_scale = resolved.official_softmax_scale or SOFTMAX_SCALE.get(resolved.model, 1.0)
     if resolved.no_cifs:
         resolved.positions, resolved.probes = resolved.positions or "", resolved.probes or ""
     elif resolved.positions is None:
@@ -368,6 +376,13 @@ def check_method_args(args: Args) -> None:
                          f"positive and --hidden {args.hidden} at least 1")
     if not 1 <= args.top_k <= num_classes:
         raise ValueError(f"--top-k {args.top_k} must be between 1 and the {num_classes} classes of {args.dataset}")
+    if args.official_softmax_scale is not None:
+        if args.official_softmax_scale not in OFFICIAL_SOFTMAX_SCALES:
+            raise ValueError(f"--official-softmax-scale {args.official_softmax_scale:g}: the official CIFS files use "
+                             f"1 (the released resnet_CIFS.py) or 2 (the first public one)")
+        if not args.init_from:
+            raise ValueError("--official-softmax-scale describes the official file of --init-from: add --init-from "
+                             "or drop it")
     if args.no_cifs:
         if args.positions or args.probes:
             raise ValueError("--positions / --probes have no effect with --no-cifs: drop them")
@@ -402,14 +417,23 @@ def build_network(args: Args) -> Network:
 # (`1`), with 10 classes written into the code. The script saves {"state_dict": net.state_dict(),
 # "stop_epoch": ..., "optimizer": ...}, DataParallel unwrapped. Our slot -> probe type:
 OFFICIAL_PROBES = {"layer4_0": "mlp", "layer4_1": "linear"}
+# The official ResNet-18's mask m = s * softmax(g), and the file that gives each s. A checkpoint holds
+# no trace of s (the same keys, no buffer), so the user states it (--official-softmax-scale):
+#   1: the released models/nets/resnet_CIFS.py (class `CIFS`, `--network CIFS_L4`: `F.softmax(...)`);
+#   2: the first public models/nets/resnet_CIFS.py (class `CSAFR`, `--network CSAFR_topk`:
+#      `F.softmax(...) * 2`), like the compiled `resnet_CSAFR_topk` module behind the published tables.
+OFFICIAL_SOFTMAX_SCALES = {1.0: "the released models/nets/resnet_CIFS.py (--network CIFS_L4)",
+                           2.0: "the first public models/nets/resnet_CIFS.py (--network CSAFR_topk)"}
 
 
 def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
     """(our state dict for `build_network(args)`, notes) from a checkpoint saved by the official CIFS
     training script CIFAR10_Res18_CIFS.py (the whole dict, or its "state_dict"). `args`: resolved,
     model resnet18 on a 10-class dataset, the default CIFS layout (MLP probe after layer4.0, linear
-    after layer4.1, hidden 128); with --no-cifs, the script's vanilla ResNet-18 (`--network _`).
-    A note warns when the mask settings differ from the official module's (2 * softmax, top-2).
+    after layer4.1, hidden 128) and `args.official_softmax_scale`, the scale the file was trained
+    with (1 or 2, see OFFICIAL_SOFTMAX_SCALES: the file cannot tell, so without it a file with probes
+    is refused); with --no-cifs, the script's vanilla ResNet-18 (`--network _`, models/nets/resnet_.py).
+    A note warns when the mask settings differ from the official module's (that scale * softmax, top-2).
     Anything that does not fit is a one-line ValueError naming it."""
     if args.model != "resnet18":
         raise ValueError(f"the official CIFS training script (CIFAR10_Res18_CIFS.py) trains resnet18, not {args.model!r}")
@@ -431,10 +455,16 @@ def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
             (r"layer4\.0\.Probe\.Probe\.1\.", "inserted.layer4_0.head.2."),       # MLP: Linear(128, 10)
             (r"layer4\.1\.Probe\.Probe\.1\.", "inserted.layer4_1.head.0."),       # linear: Linear(512, 10)
         )
-        if (args.mask_fn, args.softmax_scale, args.top_k) != ("softmax", 2.0, 2):
-            notes.append(f"the official module's mask is 2 * softmax of the top-2 relevance; this network has "
-                         f"mask_fn={args.mask_fn}, softmax_scale={args.softmax_scale:g}, top_k={args.top_k}: "
-                         f"its outputs differ from the authors' model")
+        scale = args.official_softmax_scale
+        if scale is None:
+            raise ValueError("an official CIFS ResNet-18 file does not record its mask scale: pass "
+                             "--official-softmax-scale 1 (the released models/nets/resnet_CIFS.py) or 2 (the first "
+                             "public one, as the modules behind the published tables)")
+        if (args.mask_fn, args.softmax_scale, args.top_k) != ("softmax", scale, 2):
+            notes.append(f"the official module's mask is {scale:g} * softmax of the top-2 relevance "
+                         f"(--official-softmax-scale {scale:g}); this network has mask_fn={args.mask_fn}, "
+                         f"softmax_scale={args.softmax_scale:g}, top_k={args.top_k}: its outputs differ from "
+                         f"the authors' model")
     ours, mapped = official_to_ours(checkpoint, "resnet18", rules, reference.state_dict(),
                                     "official CIFS CIFAR10_Res18_CIFS.py")
     return ours, mapped + notes
@@ -888,6 +918,7 @@ def device_settings(args: Args):
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     on_cuda = device.type == "cuda"
+    set_tf32(not args.strict_fp32, device)  # TF32 convolutions on Ampere/Hopper unless --strict-fp32 (models.set_tf32)
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)

@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import attacks
 from models import (MODELS, DATASETS, DeviceLoader, Network, balanced_subset, build_model, convert_sync_batchnorm,
-                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, split_validation,
-                    subset)
+                    count_flops, count_parameters, dataset_info, load_dataset, official_to_ours, set_tf32,
+                    split_validation, subset)
 
 METHOD = "fsr"
 
@@ -109,6 +109,8 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
     amp: bool = arg(False, "opt-in bf16 autocast for training and the training attack (default fp32, as the paper)")
+    strict_fp32: bool = arg(False, "fp32 convolutions without TF32 on Ampere/Hopper GPUs (PyTorch's default, which "
+                            "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
     sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
@@ -752,6 +754,7 @@ def device_settings(args: Args):
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     on_cuda = device.type == "cuda"
+    set_tf32(not args.strict_fp32, device)  # TF32 convolutions on Ampere/Hopper unless --strict-fp32 (models.set_tf32)
     channels_last = on_cuda if args.channels_last is None else args.channels_last
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)

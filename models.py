@@ -427,6 +427,21 @@ def count_flops(model: nn.Module, input_shape: tuple) -> int:
     return total
 
 
+def set_tf32(allowed: bool, device: torch.device | str = "cuda") -> str:
+    """Apply the fp32 choice and return what fp32 means on `device`, for logs and result files.
+
+    PyTorch runs fp32 convolutions on Ampere and Hopper GPUs in TF32 by default
+    (torch.backends.cudnn.allow_tf32 is True; matmuls follow torch.backends.cuda.matmul.allow_tf32,
+    False by default), as the official codes do on the same GPU. allowed=False (--strict-fp32) turns
+    TF32 off for both; allowed=True restores PyTorch's defaults. The flags are process-wide torch
+    settings (the function sets them, it keeps no state of its own). On the CPU TF32 does not exist."""
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "fp32 (TF32 convolutions allowed)" if allowed else "strict fp32"
+
+
 # =============================================================================================
 # Reading the authors' checkpoints: backbone key names (fsr.py / cifs.py add their modules' names)
 # =============================================================================================
