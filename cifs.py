@@ -188,7 +188,7 @@ TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's
 #     because `Network` calls inserted modules as `module(feature)`;
 #   * the mask is computed in fp32 (relevant only under autocast) and cast back to z's dtype;
 #   * the softmax scale is a setting: 2 by default for the ResNets behind the published tables, 1 for
-#     WRN-28-10 (see SOFTMAX_SCALE); the final release's .py comments the factor 2 out.
+#     WRN-28-10 (see SOFTMAX_SCALE); the released resnet_CIFS.py drops the factor 2 (OFFICIAL_SOFTMAX_SCALES).
 
 PROBES = ("linear", "mlp")
 MASK_FUNCTIONS = ("softmax", "sigmoid", "softplus")
@@ -419,9 +419,11 @@ def build_network(args: Args) -> Network:
 OFFICIAL_PROBES = {"layer4_0": "mlp", "layer4_1": "linear"}
 # The official ResNet-18's mask m = s * softmax(g), and the file that gives each s. A checkpoint holds
 # no trace of s (the same keys, no buffer), so the user states it (--official-softmax-scale):
-#   1: the released models/nets/resnet_CIFS.py (class `CIFS`, `--network CIFS_L4`: `F.softmax(...)`);
-#   2: the first public models/nets/resnet_CIFS.py (class `CSAFR`, `--network CSAFR_topk`:
-#      `F.softmax(...) * 2`), like the compiled `resnet_CSAFR_topk` module behind the published tables.
+#   1: the released models/nets/resnet_CIFS.py (commit 8fe457a; class `CIFS`, `--network CIFS_L4`:
+#      `F.softmax(...)`);
+#   2: the first public models/nets/resnet_CIFS.py (commit 2d8217c; class `CSAFR`, `--network
+#      CSAFR_topk`: `F.softmax(...) * 2`), like the compiled `resnet_CSAFR_topk` module behind the
+#      published tables.
 OFFICIAL_SOFTMAX_SCALES = {1.0: "the released models/nets/resnet_CIFS.py (--network CIFS_L4)",
                            2.0: "the first public models/nets/resnet_CIFS.py (--network CSAFR_topk)"}
 
@@ -624,8 +626,9 @@ class UpdatePasses(nn.Module):
         self.network, self.strategy = network, strategy
 
     def forward(self, x_clean, x_train, y):
-        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
-        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
+        # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
+        # three (clean, adversarial, clean again: the same values, one more running-statistics update).
         logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
         logits, emitted = forward(self.network, x_train, y)
         return logits_clean, logits, emitted

@@ -14,7 +14,8 @@
     torchrun --standalone --nproc_per_node=8 evaluate.py runs/a/last.pt   # sharded over 8 GPUs
 
 Protocol (defaults, both authors' test scripts, wkim97/FSR test.py and HanshuYAN/CIFS
-CIFAR10_Res18_CIFS_test.py): eval mode, fp32, the full test set, the eps of the checkpoint's
+CIFAR10_Res18_CIFS_test.py): eval mode, fp32 (TF32 convolutions on Ampere/Hopper GPUs, PyTorch's
+default, unless --strict-fp32), the full test set, the eps of the checkpoint's
 dataset; FGSM from x; PGD-20 / PGD-100 with steps of eps/10 from x (no random start; Fashion-MNIST:
 steps 0.01 / 0.02, CIFS appendix D); C&W = 30 PGD steps of eps/10 on the margin loss with kappa 50;
 Ensemble = per-example AND of natural-correct and robust to FGSM, PGD-20, PGD-100 and C&W (FSR

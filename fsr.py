@@ -460,8 +460,9 @@ class UpdatePasses(nn.Module):
         self.network, self.strategy = network, strategy
 
     def forward(self, x_clean, x_train, y):
-        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
-        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
+        # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
+        # three (clean, adversarial, clean again: the same values, one more running-statistics update).
         logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
         logits, emitted = forward(self.network, x_train, y)
         return logits_clean, logits, emitted
