@@ -91,13 +91,17 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def random_start(x: torch.Tensor, eps: float, kind: str | bool | None) -> torch.Tensor:
-    """'uniform': x + U(-eps, eps) (Madry AT); 'normal': x + 0.001 N(0, I) (TRADES, MART);
+    """'uniform': x + U(-eps, eps), projected into the ball and the box (Madry AT);
+    'normal': x + 0.001 N(0, I) exactly as the TRADES and MART codes start (yaodongyu/TRADES
+    trades.py, YisenWang/MART mart.py): NOT clipped to [0, 1], so on saturated pixels (0 or 1,
+    common in CIFAR-10 and SVHN) the first gradient is taken slightly outside the image box; the
+    first step's projection then clips, as there. (FAT's earlystop clips its start: fat_attack does.)
     None/False: x itself (the evaluation protocol of both papers: `rand_init=False` in
     wkim97/FSR test.py and HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py)."""
     if kind is True or kind == "uniform":
         return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
     if kind == "normal":
-        return project(x + 0.001 * torch.randn_like(x), x, eps)
+        return x + 0.001 * torch.randn_like(x)
     if kind in (None, False, "none"):
         return x.clone()
     raise ValueError(f"unknown random start {kind!r}; use 'uniform', 'normal' or None")
@@ -164,6 +168,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, s
                 if grad_transform is not None:
                     grad = grad_transform(grad)
                 x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+            if steps == 0:  # the 'normal' start is not clipped: clip it (as TRADES and MART do after their loop)
+                x_adv = x_adv.clamp(0.0, 1.0)
             if restarts == 1:
                 return x_adv.detach()
             # One extra forward per restart to compare restarts on their final iterates.
@@ -194,7 +200,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float, steps: int,
                   random_start_kind: str | None = "normal") -> torch.Tensor:
-    """TRADES inner maximisation (Zhang et al. 2019): start at x + 0.001 N(0, I) and ascend
+    """TRADES inner maximisation (Zhang et al. 2019): start at x + 0.001 N(0, I) (not clipped, as
+    trades.py; see random_start) and ascend
     KL(p(x) || p(x')) summed over the batch. The clean distribution is computed once per batch
     (the official code recomputes it, unchanged, at every step). Without the random start the KL
     and its gradient are zero at x' = x, so the attack cannot move: keep it unless testing."""
@@ -205,7 +212,8 @@ def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: floa
 
 def mart_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
                 steps: int) -> torch.Tensor:
-    """MART inner maximisation (Wang et al. 2020): CE-PGD started at x + 0.001 N(0, I)."""
+    """MART inner maximisation (Wang et al. 2020): CE-PGD started at x + 0.001 N(0, I), not clipped
+    (as mart.py; see random_start)."""
     return pgd(model, x, y, eps, step_size, steps, random_start_kind="normal")
 
 
@@ -236,7 +244,8 @@ def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
             loss_fn = loss
         else:
             raise ValueError(f"unknown FAT loss {loss!r}; use 'ce' or 'kl'")
-        x_adv = random_start(x, eps, random_start_kind)
+        # FAT's earlystop clamps its start to [0, 1] for either kind (zjfheart/Friendly-Adversarial-Training).
+        x_adv = random_start(x, eps, random_start_kind).clamp(0.0, 1.0)
         budget = torch.full_like(y, tau)
         active = torch.ones_like(y, dtype=torch.bool)
         for _ in range(steps):

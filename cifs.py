@@ -102,6 +102,8 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
     amp: bool = arg(False, "opt-in bf16 autocast for training and the training attack (default fp32, as the paper)")
+    strict_fp32: bool = arg(False, "fp32 convolutions without TF32 on Ampere/Hopper GPUs (PyTorch's default, which "
+                            "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
     sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
@@ -113,6 +115,8 @@ class Args:
                       "--eval-every may change)", str)
     init_from: str = arg(None, "start from the weights of a cifs.py checkpoint or of a state dict saved by the "
                          "official ResNet-18 script (the authors' warm start)", str)
+    official_softmax_scale: float = arg(None, "with --init-from an official file: the mask scale it was trained with "
+                                        "(1 or 2, see OFFICIAL_SOFTMAX_SCALES); the run's too unless --softmax-scale", float)
     log_interval: float = arg(30.0, "seconds between progress lines within an epoch (the first after 5 s)")
 
 
@@ -127,8 +131,7 @@ DEFAULTS = {
     "svhn": dict(model="resnet18", epochs=120, lr=0.01, weight_decay=5e-4, milestones="75,90", attack_steps=10, step=1 / 4),
     "tinyimagenet": dict(model="resnet18", epochs=100, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
     "fmnist": dict(model="resnet10", epochs=120, lr=0.1, weight_decay=2e-4, milestones="45,75,90", attack_steps=20, step=0.02 / 0.3),
-    # CIFS starts slowly: the softmax mask shrinks the features ~C-fold until the probes sharpen it
-    # (the authors' own natural ResNet-18 run sits at 10 % for its first 2 epochs), hence more steps.
+    # CIFS starts slowly (the softmax mask shrinks the features ~C-fold at first), hence more steps.
     "synthetic": dict(model="smallcnn", epochs=20, lr=0.1, weight_decay=5e-4, milestones="14,17", attack_steps=5, step=1 / 4),
 }
 # (positions in forward order, probe per position): P2 (MLP probe) then P1 (linear probe) (CIFS §4.1,
@@ -143,10 +146,9 @@ DEFAULT_POSITIONS = {
     "vgg16": ("stage5,pool5", "mlp,linear"),
     "smallcnn": ("conv2,conv3", "mlp,linear"),
 }
-# The softmax scale s of m = s * softmax(g): 2 for the ResNets behind the published tables (the
-# authors' compiled `resnet_CSAFR_topk` module named in their result logs, and the first public
-# resnet_CIFS.py, multiply by 2); 1 for WRN-28-10 (its module and the final release comment the
-# factor out) and for backbones the paper did not use.
+# The softmax scale s of m = s * softmax(g): 2 for the ResNets behind the published tables (the compiled
+# `resnet_CSAFR_topk` module their result logs name, and the first public resnet_CIFS.py); 1 for
+# WRN-28-10 (its module) and backbones the paper did not use. OFFICIAL_SOFTMAX_SCALES: the released files.
 SOFTMAX_SCALE = {"resnet18": 2.0, "resnet10": 2.0}
 # What the training accuracy measures (said next to it on the console and in curves.png).
 TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's logit"
@@ -166,8 +168,8 @@ def resolve(args: Args) -> Args:
         resolved.attack_step_size = defaults["step"] * resolved.epsilon
     if resolved.hidden is None:
         resolved.hidden = 240 if resolved.model == "wrn28_10" else 128
-    if resolved.softmax_scale is None:
-        resolved.softmax_scale = SOFTMAX_SCALE.get(resolved.model, 1.0)
+    if resolved.softmax_scale is None:  # warm start from an official file: its own scale, unless --softmax-scale
+        resolved.softmax_scale = resolved.official_softmax_scale or SOFTMAX_SCALE.get(resolved.model, 1.0)
     if resolved.no_cifs:
         resolved.positions, resolved.probes = resolved.positions or "", resolved.probes or ""
     elif resolved.positions is None:
@@ -200,15 +202,10 @@ def make_probe_head(channels: int, num_classes: int, probe: str, hidden: int) ->
 
 def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per example, the top_k classes whose logits define the relevance (B x top_k indices).
-
-    labels=None (eval mode, test time): the top-k classes of the probe logits q (paper: top-2).
-    With labels (train mode): the true label takes the place of rank 1, the rest are ranks
-    2..k of q. For k = 2 this is y and the rank-2 class of q, exactly what
-    the official code does (it indexes `topk(q, 2)[1][:, 1]` next to y): when y is itself rank 2
-    it is selected twice (S counts q_y twice, so g = 2 dq_y/du); when y ranks below 2, rank 1 is
-    skipped. We keep it because the published numbers were trained this way; the alternative
-    "y plus the best class other than y" is a one-line change here.
-    """
+    labels=None (eval mode, test time): the top-k classes of the probe logits q (paper: top-2). With
+    labels (train mode): y in place of rank 1, then ranks 2..k of q; for k = 2, y and the rank-2 class,
+    as the official code (`topk(q, 2)[1][:, 1]` next to y). So y at rank 2 counts twice and rank 1 is
+    skipped when y ranks lower: kept, since the published numbers were trained this way."""
     ranked = q.topk(top_k, dim=1).indices
     if labels is None:
         return ranked
@@ -217,12 +214,9 @@ def select_classes(q: torch.Tensor, top_k: int, labels: torch.Tensor | None = No
 
 def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) -> torch.Tensor:
     """IMGF: channel relevance g (B x C) -> channel mask (B x C), computed in fp32 at least (CIFS §3).
-
-    softmax: softmax_scale * softmax over channels (2 for the ResNets behind the published tables,
-    1 for WRN-28-10; see SOFTMAX_SCALE); sigmoid: sigmoid(10 g); softplus: softplus_{beta=5}(g)
-    (appendix A's CIFS-sigmoid and CIFS-softplus: in the authors' repository only as compiled
-    modules, models/nets/__pycache__/resnet_CSAFR_top2_sigmoid and _top2_softplus .pyc files).
-    """
+    softmax: softmax_scale * softmax over channels (see SOFTMAX_SCALE); sigmoid: sigmoid(10 g);
+    softplus: softplus_{beta=5}(g) (appendix A's CIFS-sigmoid and CIFS-softplus: in the authors'
+    repository only as compiled modules, models/nets/__pycache__/resnet_CSAFR_top2_*.pyc)."""
     g = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least (float64 stays: gradient checks)
     if mask_fn == "softmax":
         return softmax_scale * F.softmax(g, dim=1)
@@ -241,18 +235,13 @@ class CIFS(nn.Module):
     """Channel-wise importance-based feature selection on a feature map z (B x C x H x W).
 
     forward(z) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
-      p = probe(z), the raw probe logits on the non-detached z: their CE (CIFS Eq. 3) trains the
-        probe and the backbone below;
-      m = IMGF(g), g = dS/du: the gradient of S (sum over the batch of the selected probe logits,
-        see `select_classes`) w.r.t. the pooled vector u, taken on a detached copy of u (CIFS
-        Eq. 2 and §3.2). The mask therefore has no gradient path to z: the backbone gets
-        d(z*m)/dz = m, and input-gradient attacks see the mask as a constant. In train
-        mode the gradient keeps its graph (create_graph) so the probe also learns through the
-        mask (second-order path); in eval mode it does not.
-
-    Train mode needs the true labels: set them with `with cifs_labels(model, y): model(x)`.
-    Eval mode ignores labels and uses the probe's own top-k (what test time and attacks see).
-    """
+      p = probe(z), the raw probe logits on the non-detached z (their CE, Eq. 3, trains probe and backbone);
+      m = IMGF(g), g = dS/du: the gradient of S (the batch sum of the selected probe logits, see
+        `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2). So the
+        backbone gets d(z*m)/dz = m and input-gradient attacks see a constant mask; in train mode the
+        gradient keeps its graph (create_graph): the probe also learns through the mask.
+    Train mode needs the true labels (`with cifs_labels(model, y): model(x)`); eval mode uses the
+    probe's own top-k (what test time and attacks see)."""
 
     def __init__(self, channels: int, num_classes: int, probe: str = "linear", hidden: int = 128,
                  mask_fn: str = "softmax", softmax_scale: float = 1.0, top_k: int = 2):
@@ -266,16 +255,15 @@ class CIFS(nn.Module):
         # Set only by `cifs_labels` for the duration of one train-mode forward; a plain attribute
         # (not a buffer), so it never enters the state dict.
         self.labels: torch.Tensor | None = None
-        # Opt-in (evaluate.py --differentiable-mask, an adaptive attack neither paper ran): the
-        # relevance is taken on u itself with create_graph, so input gradients flow through m.
+        # evaluate.py's "(through mask)" columns (default for CIFS models; --no-through-mask: off; not in
+        # either paper): the relevance is taken on u itself with create_graph, so gradients flow through m.
         self.differentiable_mask = False
 
     def extra_repr(self) -> str:
         return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
 
-    # Never compiled (runs eagerly inside a --compile network): in train mode the probe learns through
-    # g (create_graph), i.e. a double backward through the probe, which torch.compile's AOTAutograd
-    # graphs do not support ("does not currently support double backward"; tests/test_cuda_paths.py).
+    # Runs eagerly inside a --compile network: train mode backpropagates through g (create_graph), a
+    # double backward that torch.compile's AOTAutograd does not support (tests/test_cuda_paths.py).
     @torch.compiler.disable
     def relevance(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
@@ -304,23 +292,17 @@ class CIFS(nn.Module):
     def _labels_for(self, z: torch.Tensor) -> torch.Tensor:
         """The labels set by `cifs_labels`, checked against the batch."""
         if self.labels is None:
-            raise ValueError(
-                "CIFS in train mode needs the true labels (the relevance uses the label's logit): "
-                "run the forward inside `with cifs_labels(model, y):`, or call model.eval() "
-                "for label-free (top-k) masks")
+            raise ValueError("CIFS in train mode needs the true labels (the relevance uses the label's logit): run "
+                             "the forward inside `with cifs_labels(model, y):`, or model.eval() for top-k masks")
         if self.labels.shape != (z.shape[0],):
-            raise ValueError(f"CIFS labels have shape {tuple(self.labels.shape)}, "
-                             f"expected ({z.shape[0]},) for this batch")
+            raise ValueError(f"CIFS labels have shape {tuple(self.labels.shape)}, expected ({z.shape[0]},)")
         return self.labels
 
 
 @contextlib.contextmanager
 def cifs_labels(model: nn.Module, labels: torch.Tensor):
-    """Give every CIFS module in `model` the batch labels for the forward(s) inside the block.
-
-    Restores each module's previous labels on exit, also on exceptions, so labels never leak into
-    a later forward. Yields the CIFS modules found (an empty list for a model without CIFS).
-    """
+    """Give every CIFS module in `model` the batch labels for the forward(s) inside the block; the
+    previous labels come back on exit (also on exceptions). Yields the CIFS modules found."""
     modules = [m for m in model.modules() if isinstance(m, CIFS)]
     previous = [m.labels for m in modules]
     for m in modules:
@@ -359,15 +341,21 @@ def build_network(args: Args) -> Network:
 # (`1`), with 10 classes written into the code. The script saves {"state_dict": net.state_dict(),
 # "stop_epoch": ..., "optimizer": ...}, DataParallel unwrapped. Our slot -> probe type:
 OFFICIAL_PROBES = {"layer4_0": "mlp", "layer4_1": "linear"}
+# Its mask m = s * softmax(g); a checkpoint holds no trace of s (the same keys), so the user states it:
+OFFICIAL_SOFTMAX_SCALES = {  # models/nets/resnet_CIFS.py at two commits of HanshuYAN/CIFS:
+    1.0: "the released resnet_CIFS.py (commit 8fe457a, class CIFS, --network CIFS_L4: F.softmax(...))",
+    2.0: "the first public resnet_CIFS.py (commit 2d8217c, class CSAFR, --network CSAFR_topk: F.softmax(...) * 2), "
+         "like the compiled resnet_CSAFR_topk module behind the published tables"}
 
 
 def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
     """(our state dict for `build_network(args)`, notes) from a checkpoint saved by the official CIFS
     training script CIFAR10_Res18_CIFS.py (the whole dict, or its "state_dict"). `args`: resolved,
     model resnet18 on a 10-class dataset, the default CIFS layout (MLP probe after layer4.0, linear
-    after layer4.1, hidden 128); with --no-cifs, the script's vanilla ResNet-18 (`--network _`).
-    A note warns when the mask settings differ from the official module's (2 * softmax, top-2).
-    Anything that does not fit is a one-line ValueError naming it."""
+    after layer4.1, hidden 128) and `args.official_softmax_scale`, the scale the file was trained with
+    (without it a file with probes is refused); with --no-cifs, the vanilla ResNet-18 (`--network _`,
+    models/nets/resnet_.py). A note warns when the mask differs from the official module's (that
+    scale * softmax, top-2). Anything that does not fit is a one-line ValueError naming it."""
     if args.model != "resnet18":
         raise ValueError(f"the official CIFS training script (CIFAR10_Res18_CIFS.py) trains resnet18, not {args.model!r}")
     with torch.device("meta"):  # names and shapes only: no memory, no random numbers drawn
@@ -388,10 +376,15 @@ def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
             (r"layer4\.0\.Probe\.Probe\.1\.", "inserted.layer4_0.head.2."),       # MLP: Linear(128, 10)
             (r"layer4\.1\.Probe\.Probe\.1\.", "inserted.layer4_1.head.0."),       # linear: Linear(512, 10)
         )
-        if (args.mask_fn, args.softmax_scale, args.top_k) != ("softmax", 2.0, 2):
-            notes.append(f"the official module's mask is 2 * softmax of the top-2 relevance; this network has "
-                         f"mask_fn={args.mask_fn}, softmax_scale={args.softmax_scale:g}, top_k={args.top_k}: "
-                         f"its outputs differ from the authors' model")
+        scale = args.official_softmax_scale
+        if scale is None:
+            raise ValueError("an official CIFS ResNet-18 file does not record its mask scale: pass "
+                             "--official-softmax-scale 1 (the released models/nets/resnet_CIFS.py) or 2 (the first "
+                             "public one, as the modules behind the published tables)")
+        if (args.mask_fn, args.softmax_scale, args.top_k) != ("softmax", scale, 2):
+            notes.append(f"the official module's mask is {scale:g} * softmax of the top-2 relevance "
+                         f"(--official-softmax-scale {scale:g}); this network has mask_fn={args.mask_fn}, "
+                         f"softmax_scale={args.softmax_scale:g}, top_k={args.top_k}: its outputs differ")
     ours, mapped = official_to_ours(checkpoint, "resnet18", rules, reference.state_dict(),
                                     "official CIFS CIFAR10_Res18_CIFS.py")
     return ours, mapped + notes
@@ -409,16 +402,11 @@ def probe_loss(emitted: list, y: torch.Tensor) -> torch.Tensor:
 
 def cifs_loss(logits: torch.Tensor, emitted: list, y: torch.Tensor, beta: float = 2.0, official_scale: bool = False,
               loss_cls: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """CIFS Eq. (3): CE(final, y) + (beta / L_c) * sum_l CE(p_l, y), L_c = number of CIFS layers,
-    on the batch that trains (adversarial, or clean for `natural`). `emitted`: each CIFS module's
-    {"probe": p_l} (the network's aux). `loss_cls` replaces CE(final, y) by a strategy's loss
-    (TRADES, MART: our decision, not in the paper or code; the probe terms stay on that batch).
-    official_scale=True multiplies the whole loss by 3 / (beta + 1), as the official training
-    code does (= 1 at beta = 2); only matters for the beta ablation. Computed in fp32.
-    Returns (loss, parts): detached tensors (no device sync) for logging: "cls" = CE(final, y)
-    (when computed here), "probe" = the mean over layers of CE(p_l) (the term beta multiplies;
-    absent without probes).
-    """
+    """CIFS Eq. (3): CE(final, y) + (beta / L_c) * sum_l CE(p_l, y), L_c = number of CIFS layers, on
+    the batch that trains; `emitted`: each module's {"probe": p_l}. `loss_cls` replaces CE(final, y)
+    by a strategy's loss (TRADES, MART: our decision; the probe terms stay on that batch).
+    official_scale: x 3/(beta+1), as the official training code (1 at beta = 2). fp32. Returns (loss,
+    parts), detached for logging: "cls" (when computed here), "probe" = mean_l CE(p_l) (with probes)."""
     cls = F.cross_entropy(logits.float(), y) if loss_cls is None else loss_cls
     probe = probe_loss(emitted, y)
     loss = cls + beta * probe  # beta * mean_l == (beta / L_c) * sum_l
@@ -475,9 +463,8 @@ def classification_loss(strategy, logits, y, logits_clean, args):
 
 
 def fat_tau(epoch, epochs):
-    """FAT's tau schedule, as `adjust_tau` of the FAT code (Zhang et al. 2020), which is called with the
-    1-indexed epoch of a 120-epoch run: tau = 0 while epoch <= 50, 1 while epoch <= 90, 2 after. Other
-    run lengths scale 50 and 90 by epochs / 120. `epoch` is 0-indexed here."""
+    """FAT's tau schedule, `adjust_tau` of the FAT code (Zhang et al. 2020) on the 1-indexed epoch of 120:
+    0 while epoch <= 50, 1 while <= 90, then 2; other lengths scale 50 and 90. `epoch`: 0-indexed here."""
     one_indexed, scale = epoch + 1, epochs / 120
     return 0 if one_indexed <= 50 * scale else 1 if one_indexed <= 90 * scale else 2
 
@@ -541,8 +528,9 @@ class UpdatePasses(nn.Module):
         self.network, self.strategy = network, strategy
 
     def forward(self, x_clean, x_train, y):
-        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
-        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
+        # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
+        # three (clean, adversarial, clean again: the same values, one more running-statistics update).
         logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
         logits, emitted = forward(self.network, x_train, y)
         return logits_clean, logits, emitted
@@ -569,7 +557,9 @@ def training_step(model, x, y, args, epoch, autocast, update=None):
 
 # ==== Cross-field checks (models.check_args applies them and the ranges, before any work) ====
 
-METHOD_RANGES = {"beta": NON_NEGATIVE, "softmax_scale": POSITIVE, "hidden": AT_LEAST_1}
+METHOD_RANGES = {"beta": NON_NEGATIVE, "softmax_scale": POSITIVE, "hidden": AT_LEAST_1,
+                 "official_softmax_scale": (lambda v: v in OFFICIAL_SOFTMAX_SCALES, "must be 1 (the released "
+                                            "resnet_CIFS.py) or 2 (the first public one)")}
 
 
 def check_method_args(args: Args) -> None:
@@ -577,6 +567,8 @@ def check_method_args(args: Args) -> None:
     num_classes = dataset_info(args.dataset).num_classes
     if not 1 <= args.top_k <= num_classes:
         raise ValueError(f"--top-k {args.top_k} must be between 1 and the {num_classes} classes of {args.dataset}")
+    if args.official_softmax_scale is not None and not args.init_from:
+        raise ValueError("--official-softmax-scale describes the official file of --init-from: add --init-from or drop it")
     if args.no_cifs:
         if args.positions or args.probes:
             raise ValueError("--positions / --probes have no effect with --no-cifs: drop them")

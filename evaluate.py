@@ -14,7 +14,8 @@
     torchrun --standalone --nproc_per_node=8 evaluate.py runs/a/last.pt   # sharded over 8 GPUs
 
 Protocol (defaults, both authors' test scripts, wkim97/FSR test.py and HanshuYAN/CIFS
-CIFAR10_Res18_CIFS_test.py): eval mode, fp32, the full test set, the eps of the checkpoint's
+CIFAR10_Res18_CIFS_test.py): eval mode, fp32 (TF32 convolutions on Ampere/Hopper GPUs, PyTorch's
+default, unless --strict-fp32), the full test set, the eps of the checkpoint's
 dataset; FGSM from x; PGD-20 / PGD-100 with steps of eps/10 from x (no random start; Fashion-MNIST:
 steps 0.01 / 0.02, CIFS appendix D); C&W = 30 PGD steps of eps/10 on the margin loss with kappa 50;
 Ensemble = per-example AND of natural-correct and robust to FGSM, PGD-20, PGD-100 and C&W (FSR
@@ -66,7 +67,7 @@ from fsr import FSR
 from fsr import pool as fsr_pool
 from models import (DATASETS, MODELS, CheckpointError, arg, args_from_checkpoint, balanced_subset, check_writable,
                     dataset_info, init_distributed, load_dataset, load_weights, pick_device,
-                    plot_training_curves, read_torch_file, write_text_atomically)
+                    plot_training_curves, read_torch_file, set_tf32, write_text_atomically)
 from models import parse_args as parse_args_of
 
 METHODS = ("fsr", "cifs")
@@ -113,7 +114,13 @@ CIFS_AUTOATTACK_BETA = "2"
 # Run settings that do not change what a checkpoint is (where, how fast, under which name): two
 # checkpoints that differ only in these and `seed` are seeds of one configuration.
 BOOKKEEPING = ("seed", "run_name", "runs_dir", "resume", "device", "log_interval", "data_root", "compile",
-               "deterministic", "channels_last", "init_from")
+               "deterministic", "channels_last", "init_from", "strict_fp32", "official_softmax_scale")
+# What a state dict saved by the official code is, in the result's "run" (the network it builds, not
+# our training recipe, which did not produce it): the settings each method's network is built from.
+OFFICIAL_NETWORK_SETTINGS = {
+    "fsr": ("model", "dataset", "positions", "hidden", "tau"),
+    "cifs": ("model", "dataset", "no_cifs", "positions", "probes", "hidden", "mask_fn", "softmax_scale", "top_k"),
+}
 
 
 @dataclass
@@ -168,6 +175,14 @@ class Args:
                         "of this method: fsr (train.py) or cifs (CIFAR10_Res18_CIFS.py)", str)
     official_model: str = arg("resnet18", "with --official: the backbone they hold")
     official_dataset: str = arg("cifar10", "with --official: the dataset they were trained on")
+    official_softmax_scale: float = arg(None, "with --official cifs: the mask scale the file was trained with, "
+                                        "which it does not record (required for files with probes): 1 for the "
+                                        "released models/nets/resnet_CIFS.py, 2 for the first public one (as the "
+                                        "modules behind the published tables)", float)
+    official_tau: float = arg(None, "with --official fsr: the Gumbel temperature the file was trained with, which "
+                              "it does not record (as test.py's --tau; default 0.1, train.py's)", float)
+    strict_fp32: bool = arg(False, "fp32 convolutions without TF32 on Ampere/Hopper GPUs (PyTorch's default, "
+                            "which the official test scripts also get there, runs them in TF32)")
     overwrite: bool = arg(False, "replace earlier results of the same checkpoints in --out (refused otherwise)")
     curves: bool = arg(False, "draw the training curves of the given run folders, overlaid, into <out>/curves.png")
 
@@ -189,6 +204,10 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--official-model {args.official_model!r}: use one of {', '.join(MODELS)}")
     if args.official_dataset not in DATASETS:
         raise ValueError(f"--official-dataset {args.official_dataset!r}: use one of {', '.join(DATASETS)}")
+    if args.official_softmax_scale is not None and (args.official != "cifs" or args.official_softmax_scale not in (1, 2)):
+        raise ValueError(f"--official-softmax-scale {args.official_softmax_scale:g}: give 1 or 2, with --official cifs")
+    if args.official_tau is not None and (args.official != "fsr" or not args.official_tau > 0):
+        raise ValueError(f"--official-tau {args.official_tau:g}: give a positive temperature, with --official fsr")
     if args.log_interval < 0:
         raise ValueError(f"--log-interval {args.log_interval}: must not be negative")
     if args.knn_train_examples is not None and args.knn_train_examples < 1:
@@ -264,46 +283,78 @@ def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_siz
 # =============================================================================================
 
 
+def official_settings(raw, args: Args) -> dict:
+    """The settings an official state dict is built with, beyond --official-model and
+    --official-dataset: what the user states about it (the CIFS mask scale, the FSR tau; neither is in
+    the file), and for CIFS whether it is the script's vanilla ResNet-18 (`--network _`: no probe keys)."""
+    if args.official == "cifs":
+        state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+        vanilla = isinstance(state, dict) and bool(state) and not any(".Probe." in str(key) for key in state)
+        return {"no_cifs": vanilla, "official_softmax_scale": None if vanilla else args.official_softmax_scale}
+    return {} if args.official_tau is None else {"tau": args.official_tau}
+
+
+def official_origin(method: str, run_args) -> str:
+    """Which official code and network an official state dict comes from, for the table and the JSON."""
+    if method == "cifs":
+        if run_args.no_cifs:
+            return "HanshuYAN/CIFS CIFAR10_Res18_CIFS.py --network _ (vanilla ResNet-18, models/nets/resnet_.py)"
+        scale = run_args.official_softmax_scale
+        return (f"HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask {scale:g} x softmax "
+                f"({importlib.import_module('cifs').OFFICIAL_SOFTMAX_SCALES[scale]})")
+    return f"wkim97/FSR train.py, tau {run_args.tau:g}"
+
+
 def read_checkpoint(path: str, args: Args | None = None):
-    """(method module, run Args, state dict, notes) of a checkpoint written by fsr.py or cifs.py, or
-    of a state dict saved by the official code (args.official names its method; args.official_model
-    and args.official_dataset what it holds). Whatever makes it unusable is one line that says why."""
+    """(method module, run Args, state dict, notes, origin) of a checkpoint written by fsr.py or
+    cifs.py (origin None), or of a state dict saved by the official code (args.official names its
+    method; args.official_model, args.official_dataset and official_settings what it holds; origin
+    says which official code). Whatever makes it unusable is one line that says why."""
     raw = read_torch_file(path)
     if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
         module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
-        return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], []
+        return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], [], None
     if args is None or args.official is None:
         raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py (a state dict saved by "
                               f"the official code needs --official fsr or --official cifs)")
     module = importlib.import_module(args.official)
-    run_args = module.resolve(module.Args(dataset=args.official_dataset, model=args.official_model))
+    run_args = module.resolve(module.Args(dataset=args.official_dataset, model=args.official_model,
+                                          **official_settings(raw, args)))
     try:
         state, notes = module.official_state_dict(raw, run_args)
     except ValueError as error:
         raise CheckpointError(f"{path!r}: {error}") from None
-    return module, run_args, state, notes
+    return module, run_args, state, notes, official_origin(args.official, run_args)
+
+
+def load_network_and_origin(path: str, device, args: Args | None = None, log=None):
+    """load_network, and the checkpoint's origin (None: ours; else which official code, see read_checkpoint)."""
+    module, run_args, state, notes, origin = read_checkpoint(path, args)
+    for note in notes if log else ():
+        log(f"{path}: {note}")
+    model = module.build_network(run_args)
+    load_weights(model, state, path)
+    return model.to(device).eval(), run_args, module, origin
 
 
 def load_network(path: str, device, args: Args | None = None, log=None):
     """(model in eval mode on `device`, the run's Args, the method's module) from a checkpoint (see
     read_checkpoint). Weights that do not fit the network its settings build are refused in one line
     naming the keys."""
-    module, run_args, state, notes = read_checkpoint(path, args)
-    for note in notes if log else ():
-        log(f"{path}: {note}")
-    model = module.build_network(run_args)
-    load_weights(model, state, path)
-    return model.to(device).eval(), run_args, module
+    return load_network_and_origin(path, device, args, log)[:3]
 
 
 def load_model(path: str, device="cpu", official: str | None = None, model: str = "resnet18",
-               dataset: str = "cifar10") -> nn.Module:
+               dataset: str = "cifar10", softmax_scale: float | None = None, tau: float | None = None) -> nn.Module:
     """The network of a checkpoint as a plain module for other tools (AutoAttack, torchattacks,
     RobustBench's benchmark()): in eval mode on `device`, mapping images in [0, 1] (no normalisation)
     to logits. `official`="fsr" or "cifs" reads a state dict saved by the official code, holding
-    `model` trained on `dataset`. CIFS's mask needs a gradient inside the forward, which it takes
-    itself: the module also works under torch.no_grad()."""
-    args = Args(checkpoints=[path], official=official, official_model=model, official_dataset=dataset)
+    `model` trained on `dataset`; softmax_scale and tau are --official-softmax-scale and
+    --official-tau. CIFS's mask needs a gradient inside the forward, which it takes itself: the
+    module also works under torch.no_grad()."""
+    args = Args(checkpoints=[path], official=official, official_model=model, official_dataset=dataset,
+                official_softmax_scale=softmax_scale, official_tau=tau)
+    check_args(args)
     network = load_network(path, torch.device(device), args)[0]
     return attacks.LogitsOnly(network).eval()
 
@@ -433,23 +484,25 @@ def load_source(args: Args):
 
 def prepare(path: str, args: Args, log, source=None) -> tuple:
     """(model on the CPU, run Args, method module, (x_all, y_all) of its test split, the transfer
-    source or None): everything that can fail about a checkpoint before an attack runs (main does
-    this for every checkpoint first, with the source loaded once)."""
+    source or None, origin: None for our checkpoints, else which official code): everything that can
+    fail about a checkpoint before an attack runs (main does this for every checkpoint first, with
+    the source loaded once)."""
     source = source if source is not None else load_source(args)
-    model, run_args, module = load_network(path, torch.device("cpu"), args, log)
+    model, run_args, module, origin = load_network_and_origin(path, torch.device("cpu"), args, log)
     x_all, y_all = load_split(run_args, args.data_root, train=False)
     if args.n_examples is not None and args.n_examples > len(y_all):
         raise ValueError(f"--n-examples {args.n_examples}: {path} is evaluated on {run_args.dataset}, whose test "
                          f"split has {len(y_all)} images")
     if source is not None:
         check_compatible(source, model, args.transfer_source)
-    return model, run_args, module, (x_all, y_all), source
+    return model, run_args, module, (x_all, y_all), source, origin
 
 
 def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None = None) -> dict:
     check_args(args)
     device = evaluation_device(args.device)
-    model, run_args, module, (x_all, y_all), source = prepared or prepare(path, args, log)
+    precision = set_tf32(not args.strict_fp32, device)
+    model, run_args, module, (x_all, y_all), source, origin = prepared or prepare(path, args, log)
     model, source = model.to(device), source.to(device) if source is not None else None
     info = dataset_info(run_args.dataset)
     eps = args.epsilon if args.epsilon is not None else run_args.epsilon
@@ -462,7 +515,7 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
         has_heads = bool(label_heads(model(x[:2].to(device))[1]))
     betas = ADAPTIVE_BETAS if args.adaptive and has_heads else ("0",)
     log(f"{path}: {run_args.model} ({type(model).__name__}) on {len(y)} {run_args.dataset} test images, eps {eps:.5f}")
-    log("  " + describe_protocol(protocol(args, run_args, eps, betas, has_cifs(model)), run_args.dataset,
+    log("  " + describe_protocol(protocol(args, run_args, eps, betas, has_cifs(model), precision), run_args.dataset,
                                  [*columns, *(f"{n}-tm" for n in columns if has_cifs(model) and not args.no_through_mask)]))
 
     # Every verdict of the table by (column, beta_atk, view): what the analyses below reuse.
@@ -512,9 +565,12 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
 
     per_class = {name: [v[y == c].float().mean().item() for c in range(info.num_classes)]
                  for name, v in per_example.items()}
+    run = dataclasses.asdict(run_args)
+    if origin is not None:  # the authors' file: what it is, not our recipe's settings (which did not train it)
+        run = {"official": origin, **{key: run[key] for key in OFFICIAL_NETWORK_SETTINGS[module.__name__]}}
     return {
-        "checkpoint": path, "method": module.__name__,
-        "run": dataclasses.asdict(run_args), "protocol": protocol(args, run_args, eps, betas, has_cifs(model)),
+        "checkpoint": path, "method": module.__name__, "official": origin,
+        "run": run, "protocol": protocol(args, run_args, eps, betas, has_cifs(model), precision),
         "indices": indices.tolist(), "labels": y.tolist(),
         "accuracy": accuracy, "adaptive": sweep, "per_class": per_class, "heads_and_top2": heads,
         "per_example": {name: v.int().tolist() for name, v in per_example.items()},
@@ -1036,9 +1092,11 @@ def column_accuracy(name: str, per_example: dict, sweep: dict) -> float:
     return per_example[name].float().mean().item()
 
 
-def protocol(args: Args, run_args, eps: float, betas, cifs_model: bool) -> dict:
+def protocol(args: Args, run_args, eps: float, betas, cifs_model: bool, precision: str = "fp32") -> dict:
+    """The attack settings of a result; `precision` as models.set_tf32 describes it ("fp32" on the CPU,
+    "fp32 (TF32 convolutions allowed)" on a GPU by default, "strict fp32" with --strict-fp32)."""
     steps = step_sizes(run_args.dataset, eps)
-    return {"epsilon": eps, "norm": "Linf", "mode": "eval", "precision": "fp32",
+    return {"epsilon": eps, "norm": "Linf", "mode": "eval", "precision": precision,
             "random_start": args.random_start, "restarts": args.restarts,
             "fgsm": "x + eps sign(grad CE)", "pgd20": {"steps": 20, "step_size": steps["pgd20"]},
             "pgd100": {"steps": 100, "step_size": steps["pgd100"]},
@@ -1086,7 +1144,8 @@ def seed_groups(results: list) -> list:
     order of first appearance."""
     groups: dict = {}
     for index, result in enumerate(results):
-        groups.setdefault(configuration(result), []).append(index)
+        if not result["run"].get("official"):  # an official file has no seed of ours
+            groups.setdefault(configuration(result), []).append(index)
     return [members for members in groups.values() if len(members) > 1
             and len({results[i]["run"]["seed"] for i in members}) == len(members)]
 
@@ -1126,6 +1185,8 @@ def result_names(paths: list) -> list:
 
 
 def row_name(run: dict, method: str) -> str:
+    if run.get("official"):
+        return f"official {method.upper()} {run['model']} ({run['official']})"
     vanilla = run.get("no_fsr") or run.get("no_cifs")
     return f"{run['model']} {run['strategy']} " + ("(vanilla)" if vanilla else f"+ {method.upper()}")
 
@@ -1148,7 +1209,8 @@ def markdown_table(results: list, summaries: list | None = None) -> str:
             cells = [f"{100 * results[i]['accuracy'][c]:.2f}" if c in results[i]["accuracy"] else "" for c in columns]
             run = results[i]["run"]
             checkpoint = f"{run_folder(results[i])}/{os.path.basename(results[i]['checkpoint'])}"
-            name = f"{checkpoint}: {row_name(run, results[i]['method'])}, seed {run['seed']}, {len(results[i]['labels'])} images"
+            seed = "" if run.get("official") else f", seed {run['seed']}"
+            name = f"{checkpoint}: {row_name(run, results[i]['method'])}{seed}, {len(results[i]['labels'])} images"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             written.add(i)
         if summary is not None:
@@ -1305,7 +1367,8 @@ def describe_protocol(p: dict, dataset: str, columns) -> str:
     if any(name.endswith("-tm") for name in columns):
         described.append("(through mask): the same attacks, the input gradient taken through the CIFS mask; "
                          "Worst-case: per example, the worst of every view")
-    return (f"Protocol ({dataset}, eps {p['epsilon']:.4g}, {start}, {p['restarts']} restart(s), eval mode, fp32): "
+    return (f"Protocol ({dataset}, eps {p['epsilon']:.4g}, {start}, {p['restarts']} restart(s), eval mode, "
+            f"{p.get('precision', 'fp32')}): "
             + "; ".join(described))
 
 

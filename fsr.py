@@ -99,6 +99,8 @@ class Args:
     deterministic: bool = arg(False, "deterministic kernels (slower on GPU)")
     device: str = arg(None, "cuda | cpu | cuda:1 ... (default: cuda if available)", str)
     amp: bool = arg(False, "opt-in bf16 autocast for training and the training attack (default fp32, as the paper)")
+    strict_fp32: bool = arg(False, "fp32 convolutions without TF32 on Ampere/Hopper GPUs (PyTorch's default, which "
+                            "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
     sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
@@ -361,9 +363,8 @@ def classification_loss(strategy, logits, y, logits_clean, args):
 
 
 def fat_tau(epoch, epochs):
-    """FAT's tau schedule, as `adjust_tau` of the FAT code (Zhang et al. 2020), which is called with the
-    1-indexed epoch of a 120-epoch run: tau = 0 while epoch <= 50, 1 while epoch <= 90, 2 after. Other
-    run lengths scale 50 and 90 by epochs / 120. `epoch` is 0-indexed here."""
+    """FAT's tau schedule, `adjust_tau` of the FAT code (Zhang et al. 2020) on the 1-indexed epoch of 120:
+    0 while epoch <= 50, 1 while <= 90, then 2; other lengths scale 50 and 90. `epoch`: 0-indexed here."""
     one_indexed, scale = epoch + 1, epochs / 120
     return 0 if one_indexed <= 50 * scale else 1 if one_indexed <= 90 * scale else 2
 
@@ -426,8 +427,9 @@ class UpdatePasses(nn.Module):
         self.network, self.strategy = network, strategy
 
     def forward(self, x_clean, x_train, y):
-        # TRADES and MART also need the clean logits; the official codes run two separate forwards,
-        # so BatchNorm sees the clean and the adversarial batch separately, as here.
+        # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
+        # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
+        # three (clean, adversarial, clean again: the same values, one more running-statistics update).
         logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
         logits, emitted = forward(self.network, x_train, y)
         return logits_clean, logits, emitted

@@ -1304,11 +1304,28 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def set_tf32(allowed: bool, device: torch.device | str = "cuda") -> str:
+    """Apply the fp32 choice and return what fp32 means on `device`, for logs and result files.
+
+    PyTorch runs fp32 convolutions on Ampere and Hopper GPUs in TF32 by default
+    (torch.backends.cudnn.allow_tf32 is True; matmuls follow torch.backends.cuda.matmul.allow_tf32,
+    False by default), as the official codes do on the same GPU. allowed=False (--strict-fp32) turns
+    TF32 off for both; allowed=True restores PyTorch's defaults. The flags are process-wide torch
+    settings (the function sets them, it keeps no state of its own). On the CPU TF32 does not exist."""
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "fp32 (TF32 convolutions allowed)" if allowed else "strict fp32"
+
+
 def device_settings(args):
     """(device, amp, autocast factory, memory format). fp32 unless --amp (both official codes train
-    in fp32; bf16 is opt-in until a measurement shows it changes no reported number); channels_last
-    on CUDA (the same arithmetic in another memory layout)."""
+    in fp32; bf16 is opt-in until a measurement shows it changes no reported number), with TF32
+    convolutions on GPUs that have them unless --strict-fp32 (set_tf32); channels_last on CUDA (the
+    same arithmetic in another memory layout)."""
     device = pick_device(args.device)
+    set_tf32(not args.strict_fp32, device)  # TF32 convolutions on Ampere/Hopper unless --strict-fp32
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
 
     def autocast():

@@ -235,6 +235,81 @@ def test_trades_attack_increases_the_kl_to_the_clean_prediction(robust_model, sy
     assert kl(attacks.trades_attack(robust_model, x, EPS, STEP, 10)) > 10 * kl(start)
 
 
+def saturated(x: torch.Tensor) -> torch.Tensor:
+    """Images with exact 0 and exact 1 pixels (a dark top band, a white bottom band), as CIFAR-10 and SVHN have."""
+    x = x.clone()
+    x[:, :, :3, :] = 0.0
+    x[:, :, -3:, :] = 1.0
+    return x
+
+
+def official_trades_mart_attack(model, x, y, eps, step, steps, loss):
+    """The inner loop of yaodongyu/TRADES trades.py and YisenWang/MART mart.py, written out:
+    x_adv = x + 0.001 * randn (no clipping), then `steps` times: sign step on the loss (TRADES: KL
+    summed, against softmax(model(x)) recomputed each step; MART: mean CE), min/max into the
+    eps-ball, clamp to [0, 1]."""
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            logits = model(x_adv)[0]
+            if loss == "trades":
+                value = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(model(x)[0], dim=1), reduction="sum")
+            else:
+                value = F.cross_entropy(logits, y)
+        grad = torch.autograd.grad(value, [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return x_adv
+
+
+@pytest.mark.parametrize("strategy", ["trades", "mart"])
+def test_trades_and_mart_start_unclipped_and_their_iterates_equal_the_official_rule(robust_model, synthetic, strategy):
+    x, y = saturated(synthetic[2][:64]), synthetic[3][:64]
+    assert (x == 0).any() and (x == 1).any()
+    robust_model.eval()
+
+    def ours(steps, seed=5):
+        torch.manual_seed(seed)
+        if strategy == "trades":
+            return attacks.trades_attack(robust_model, x, EPS, STEP, steps)
+        return attacks.mart_attack(robust_model, x, y, EPS, STEP, steps)
+
+    # The start itself leaves the box on saturated pixels (x + 0.001 N, no clipping).
+    torch.manual_seed(5)
+    start = attacks.random_start(x, EPS, "normal")
+    torch.manual_seed(5)
+    assert torch.equal(start, x + 0.001 * torch.randn(x.shape))
+    assert start.min() < 0 and start.max() > 1
+    for steps in (1, 2, 5):
+        torch.manual_seed(5)
+        official = official_trades_mart_attack(robust_model, x, y, EPS, STEP, steps, strategy)
+        assert (ours(steps) - official).abs().max() <= 1e-6, steps
+    # The test can tell the two starts apart: from the clipped start (the former rule) some
+    # examples end elsewhere after one step.
+    torch.manual_seed(5)
+    clipped = attacks.project(x + 0.001 * torch.randn(x.shape), x, EPS)
+    with attacks.attack_mode(robust_model):
+        clipped.requires_grad_(True)
+        value = (F.kl_div(F.log_softmax(robust_model(clipped)[0], 1), F.softmax(robust_model(x)[0], 1), reduction="sum")
+                 if strategy == "trades" else F.cross_entropy(robust_model(clipped)[0], y))
+        (grad,) = torch.autograd.grad(value, clipped)
+    former = attacks.project(clipped.detach() + STEP * grad.sign(), x, EPS)
+    assert (ours(1) - former).abs().amax(dim=(1, 2, 3)).gt(1e-6).any()
+
+
+def test_fat_keeps_its_clipped_start():
+    """FAT's earlystop clamps its start to [0, 1] for either kind: zero steps return it."""
+    model = build_model("smallcnn", 10, SHAPE).eval()
+    x = saturated(torch.rand(4, *SHAPE))
+    y = torch.zeros(4, dtype=torch.long)
+    torch.manual_seed(0)
+    out = attacks.fat_attack(model, x, y, EPS, STEP, 0, tau=0, random_start_kind="normal", omega=0.0)
+    torch.manual_seed(0)
+    assert torch.equal(out, (x + 0.001 * torch.randn(x.shape)).clamp(0.0, 1.0))
+
+
 def test_fat_with_unlimited_tau_and_no_noise_is_pgd(robust_model, synthetic):
     x, y = synthetic[2][:64], synthetic[3][:64]
     fat = attacks.fat_attack(robust_model, x, y, EPS, STEP, 10, tau=1000, random_start_kind=None, omega=0.0)

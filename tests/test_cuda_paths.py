@@ -37,9 +37,10 @@ Forced on the CPU (the operation exists there; the tests below run the scripts' 
     torch.device('cuda') and torch.cuda.get/set_rng_state recorded: a GPU checkpoint's entry survives
     save/load with weights_only=True, is restored on CUDA, ignored on the CPU; a CPU checkpoint's
     None is skipped on CUDA).
-  * TF32 and cuDNN settings: the scripts set no TF32 flag (fp32 convolutions on a GPU run at
-    PyTorch's default, torch.backends.cudnn.allow_tf32 = True, i.e. TF32 on Ampere and later);
-    seed_everything sets cudnn.benchmark (True, or False with --deterministic, which also sets
+  * TF32 and cuDNN settings: models.device_settings calls set_tf32 (fp32 convolutions on a GPU run
+    at PyTorch's default, torch.backends.cudnn.allow_tf32 = True, i.e. TF32 on Ampere and later,
+    unless --strict-fp32: tests/test_evaluate.py sets and checks both flags on the CPU);
+    seed_everything leaves them alone and sets cudnn.benchmark (True, or False with --deterministic, which also sets
     CUBLAS_WORKSPACE_CONFIG and deterministic algorithms) -> test_cudnn_and_tf32_settings.
   * CUDA memory figures (benchmarks/speed.py, which times the scripts' training steps: peak_memory_gib
     from torch.cuda.max_memory_allocated, guarded by device.type == 'cuda') -> test_benchmark_on_the_cpu_reports_no_peak_memory.

@@ -732,3 +732,30 @@ def test_plots_with_and_without_matplotlib(checkpoints, fsr_report, tmp_path, mo
     assert sorted(os.listdir(tmp_path / "bare")) == [f"{evaluate.result_name(result['checkpoint'])}.{ext}"
                                                      for ext in ("csv", "json")] + ["summary.json", "table.md"]
     assert any("matplotlib is not installed" in m for m in messages)
+
+
+def test_fp32_is_said_precisely_and_strict_fp32_turns_tf32_off(checkpoints, tmp_path):
+    """models.set_tf32: what fp32 means on the device (TF32 convolutions on Ampere/Hopper GPUs by
+    default, as PyTorch's cudnn.allow_tf32; none on the CPU); --strict-fp32 in evaluate.py and both
+    training scripts turns TF32 off."""
+    from models import set_tf32
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        assert set_tf32(True, "cuda") == "fp32 (TF32 convolutions allowed)"
+        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert set_tf32(False, torch.device("cuda", 0)) == "strict fp32"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert set_tf32(True, "cpu") == "fp32"
+        for module in (fsr, cifs):
+            module.device_settings(module.Args(device="cpu", strict_fp32=True))
+            assert not torch.backends.cudnn.allow_tf32, module.__name__
+            module.device_settings(module.Args(device="cpu"))
+            assert torch.backends.cudnn.allow_tf32, module.__name__
+        helps = [m.Args.__dataclass_fields__["strict_fp32"].metadata["help"] for m in (fsr, cifs)]
+        assert helps[0] == helps[1]
+        result, saved_json = run_main(checkpoints["natural"], tmp_path / "strict", "--n-examples", "10", "--attacks",
+                                      "natural", "--strict-fp32")
+        assert result["protocol"]["precision"] == saved_json["protocol"]["precision"] == "fp32"  # CPU: no TF32
+        assert not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -105,7 +105,7 @@ def fsr_args(model, **overrides):
 
 def cifs_args(**overrides):
     settings = dict(dataset="cifar10", model="resnet18", positions="layer4.0,layer4.1", probes="mlp,linear", hidden=128,
-                    mask_fn="softmax", softmax_scale=2.0, top_k=2)
+                    mask_fn="softmax", softmax_scale=2.0, top_k=2, official_softmax_scale=2.0)
     return cifs.resolve(cifs.Args(**(settings | overrides)))
 
 
@@ -302,8 +302,8 @@ def test_init_from_reads_an_official_checkpoint(tmp_path):
     lines = []
     cifs.train(cifs.Args(dataset="synthetic", model="resnet18", synthetic_size=20, batch_size=10, epochs=1,
                          strategy="natural", lr=1e-30, momentum=0.0, weight_decay=0.0, monitor_size=0,
-                         device="cpu", init_from=str(tmp_path / "ckp_latest.pt"), runs_dir=str(tmp_path),
-                         run_name="warm", log_interval=1e9), log=lines.append)
+                         device="cpu", init_from=str(tmp_path / "ckp_latest.pt"), official_softmax_scale=2.0,
+                         runs_dir=str(tmp_path), run_name="warm", log_interval=1e9), log=lines.append)
     warm = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")["model"]
     assert torch.equal(warm["stem.0.weight"], state["conv1.weight"])
     assert torch.equal(warm["inserted.layer4_1.head.0.weight"], state["layer4.1.Probe.Probe.1.weight"])
@@ -349,3 +349,207 @@ def test_evaluate_reads_an_official_checkpoint_given_method_backbone_and_dataset
     assert result["method"] == "fsr" and result["run"]["model"] == "resnet18" and len(result["labels"]) == 10
     model = evaluate.load_model(str(tmp_path / "fsr_resnet18.pth"), official="fsr", dataset="synthetic")
     assert torch.equal(model.model.classifier.weight, torch.load(tmp_path / "fsr_resnet18.pth")["linear.weight"])
+
+
+# --- the official CIFS mask scale: 1 (released resnet_CIFS.py) or 2 (first public one), stated by the user ----
+
+SCALE_1_X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def official_bn(state, prefix, x):
+    return torch.nn.functional.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
+                                          state[f"{prefix}.weight"], state[f"{prefix}.bias"], False, 0.1, 1e-5)
+
+
+def official_probe_logits(state, prefix, feat):
+    """`CIFS.Probe` (`CSAFR.Probe` in the first file): Global_Avg_Flatten then Linear, or nlBlock
+    (GAP, fc, Softplus(beta=5)) then Linear(128, 10)."""
+    u = torch.nn.functional.adaptive_avg_pool2d(feat, (1, 1)).flatten(1)
+    if f"{prefix}.Probe.0.fc.weight" in state:
+        u = torch.nn.functional.softplus(
+            torch.nn.functional.linear(u, state[f"{prefix}.Probe.0.fc.weight"], state[f"{prefix}.Probe.0.fc.bias"]), beta=5)
+    return torch.nn.functional.linear(u, state[f"{prefix}.Probe.1.weight"], state[f"{prefix}.Probe.1.bias"])
+
+
+def official_mask(state, prefix, feat, scale):
+    """`_get_mask_with_graph` in eval mode, as HanshuYAN/CIFS models/nets/resnet_CIFS.py writes it: the
+    gradient of the top-1 plus top-2 probe logits w.r.t. a detached copy of the feature map,
+    adaptive_avg_pool2d(.) * H * W, softmax over channels, times `scale` (1 in the released file,
+    `* 2` in the first public one)."""
+    n, c = feat.shape[:2]
+    feat = feat.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = official_probe_logits(state, prefix, feat)
+        pred = logits.topk(k=2, dim=1)[1]
+        rows = torch.arange(n)
+        top = logits[rows, pred[:, 0]].sum() + logits[rows, pred[:, 1]].sum()
+        grad = torch.autograd.grad(top, feat)[0]
+    grad = torch.nn.functional.adaptive_avg_pool2d(grad, (1, 1)) * grad.size(2) * grad.size(3)
+    return (torch.nn.functional.softmax(grad.view(n, c), dim=1) * scale).view(n, c, 1, 1)
+
+
+def official_resnet18_l4_logits(state, x, scale):
+    """`ResNet18_L4` of resnet_CIFS.py in eval mode (written out here from the official file), on a
+    state dict in the official layout: stem, layer1-3 of BasicBlocks, both layer4 blocks followed by
+    their CIFS module (`masked_feat = feat * Mask`), avg_pool2d(4), linear. Without probe keys: the
+    vanilla `ResNet18` of resnet_.py."""
+    conv = torch.nn.functional.conv2d
+    relu = torch.nn.functional.relu
+    out = relu(official_bn(state, "bn1", conv(x, state["conv1.weight"], padding=1)))
+    for layer, stride in zip(range(1, 5), (1, 2, 2, 2)):
+        for block in range(2):
+            p, s = f"layer{layer}.{block}", stride if block == 0 else 1
+            feat = relu(official_bn(state, f"{p}.bn1", conv(out, state[f"{p}.conv1.weight"], stride=s, padding=1)))
+            feat = official_bn(state, f"{p}.bn2", conv(feat, state[f"{p}.conv2.weight"], padding=1))
+            shortcut = out
+            if f"{p}.shortcut.0.weight" in state:
+                shortcut = official_bn(state, f"{p}.shortcut.1", conv(out, state[f"{p}.shortcut.0.weight"], stride=s))
+            out = relu(feat + shortcut)
+            if f"{p}.Probe.Probe.1.weight" in state:
+                out = out * official_mask(state, f"{p}.Probe", out, scale)
+    out = torch.nn.functional.avg_pool2d(out, 4).flatten(1)
+    return torch.nn.functional.linear(out, state["linear.weight"], state["linear.bias"])
+
+
+def trained_like(layout: dict, seed: int = 0) -> dict:
+    """A state dict of the layout on which an eval-mode forward neither explodes nor collapses to a
+    constant: He-scaled convolutions, BatchNorm with positive variances and zero means and shifts (so
+    the features stay input-dependent after the masks shrink them), sharper probes (so the masks are
+    not flat), and the classifier rescaled to logits of unit spread (the mask scale then moves them
+    visibly)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=generator)
+        elif key.endswith("running_mean") or (key.endswith(".bias") and ".Probe." not in key and key != "linear.bias"):
+            state[key] = torch.zeros(shape)
+        elif key.endswith(".bias"):
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:  # BatchNorm weight
+            state[key] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:  # conv and linear weights
+            fan_in = torch.Size(shape[1:]).numel()
+            gain = 50.0 if ".Probe." in key else 2.0
+            state[key] = torch.randn(shape, generator=generator) * (gain / fan_in) ** 0.5
+    logits = official_resnet18_l4_logits(state, SCALE_1_X, scale=1.0) - state["linear.bias"]
+    state["linear.weight"] = state["linear.weight"] / logits.std()
+    return state
+
+
+
+@pytest.fixture(scope="module")
+def scale_1_file(tmp_path_factory):
+    """An official-layout CIFS ResNet-18 saved as CIFAR10_Res18_CIFS.py saves it, and the logits of
+    the official scale-1 network (the released resnet_CIFS.py) on SCALE_1_X."""
+    state = trained_like(official_resnet18(cifs_probes=True))
+    path = tmp_path_factory.mktemp("official") / "ckp_latest.pt"
+    torch.save({"state_dict": state, "stop_epoch": 119, "optimizer": {}}, path)
+    reference = official_resnet18_l4_logits(state, SCALE_1_X, scale=1.0)
+    # The test can fail: the scale-2 network's logits differ from the scale-1 network's.
+    assert (official_resnet18_l4_logits(state, SCALE_1_X, scale=2.0) - reference).abs().max() > 0.1
+    return path, state, reference
+
+
+def test_a_scale_1_file_read_by_official_state_dict_gives_the_official_logits(scale_1_file):
+    _, state, reference = scale_1_file
+    args = cifs.resolve(cifs.Args(dataset="synthetic", model="resnet18", official_softmax_scale=1.0))
+    assert args.softmax_scale == 1.0  # the stated scale is the network's unless --softmax-scale says otherwise
+    ours, notes = cifs.official_state_dict({"state_dict": state}, args)
+    assert not any("differ" in n for n in notes)
+    net = cifs.build_network(args)
+    net.load_state_dict(ours, strict=True)
+    torch.testing.assert_close(net.eval()(SCALE_1_X)[0], reference, rtol=1e-5, atol=1e-5)
+    # Read at scale 2 (the former behaviour): other logits, and the note says so against the stated 1.
+    wrong = cifs.resolve(cifs.Args(dataset="synthetic", model="resnet18", official_softmax_scale=1.0, softmax_scale=2.0))
+    _, notes = cifs.official_state_dict({"state_dict": state}, wrong)
+    assert any("1 * softmax" in n and "softmax_scale=2" in n and "differ" in n for n in notes), notes
+
+
+def test_a_scale_1_file_through_evaluate_gives_the_official_logits_and_is_labelled_official(scale_1_file, tmp_path):
+    import evaluate
+    path, _, reference = scale_1_file
+    model = evaluate.load_model(str(path), official="cifs", dataset="synthetic", softmax_scale=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(SCALE_1_X), reference, rtol=1e-5, atol=1e-5)
+    flags = [str(path), "--device", "cpu", "--n-examples", "10", "--attacks", "natural", "--log-interval", "1e9",
+             "--official", "cifs", "--official-dataset", "synthetic", "--no-through-mask"]
+    # Unknown scale: refused in one line naming the flag, before anything is written.
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([*flags, "--out", str(tmp_path / "refused")])
+    message = str(raised.value.code)
+    assert "--official-softmax-scale 1" in message and "\n" not in message and not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([*flags, "--official-softmax-scale", "3", "--out", str(tmp_path / "refused")])
+    assert "--official-softmax-scale 3" in str(raised.value.code)
+    (result,) = evaluate.main([*flags, "--official-softmax-scale", "1", "--out", str(tmp_path / "eval")])
+    assert result["official"].startswith("HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask 1 x softmax (the released")
+    assert result["run"]["official"] == result["official"] and result["run"]["softmax_scale"] == 1.0
+    assert "epochs" not in result["run"] and "seed" not in result["run"] and "strategy" not in result["run"]
+    assert result["protocol"]["precision"] == "fp32"  # CPU
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "official CIFS resnet18 (HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask 1 x softmax" in table
+    assert "seed" not in table.splitlines()[2]
+
+
+def test_a_scale_1_file_through_init_from_gives_the_official_logits(scale_1_file, tmp_path):
+    """--init-from with --official-softmax-scale 1: the run's network is the scale-1 network (a learning
+    rate of 1e-30 leaves the weights in place; BatchNorm statistics are restored from the file)."""
+    path, _, reference = scale_1_file
+    settings = dict(dataset="synthetic", model="resnet18", synthetic_size=20, batch_size=10, epochs=1,
+                    strategy="natural", lr=1e-30, momentum=0.0, weight_decay=0.0, monitor_size=0, device="cpu",
+                    init_from=str(path), runs_dir=str(tmp_path), log_interval=1e9)
+    with pytest.raises(ValueError, match="--official-softmax-scale 1"):  # unknown scale: refused, nothing written
+        cifs.train(cifs.Args(**settings, run_name="refused"), log=lambda *_: None)
+    assert not (tmp_path / "refused").exists()
+    cifs.train(cifs.Args(**settings, run_name="warm", official_softmax_scale=1.0), log=lambda *_: None)
+    checkpoint = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
+    args = models.args_from_checkpoint(cifs.Args, checkpoint["args"], "last.pt", "cifs")
+    assert args.softmax_scale == 1.0
+    net = cifs.build_network(args)
+    state = checkpoint["model"]
+    # One natural epoch in train mode moved the BatchNorm running statistics; put the file's back.
+    official, _ = cifs.official_state_dict(torch.load(path), args)
+    state = {k: official[k] if k.endswith(("running_mean", "running_var")) else v for k, v in state.items()}
+    net.load_state_dict(state, strict=True)
+    torch.testing.assert_close(net.eval()(SCALE_1_X)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_official_softmax_scale_is_refused_without_init_from_or_outside_1_and_2():
+    for overrides, expected in ((dict(), "add --init-from"), (dict(init_from="x.pt", official_softmax_scale=3.0), "1 (the released")):
+        args = cifs.resolve(cifs.Args(**({"official_softmax_scale": 1.0} | overrides)))
+        assert expected in one_line_error(lambda: models.check_args(args, cifs.METHOD_RANGES, cifs.check_method_args))
+
+
+def test_evaluate_reads_the_official_cifs_vanilla_resnet18_and_labels_it(tmp_path):
+    """CIFAR10_Res18_CIFS.py --network _ (models/nets/resnet_.py): the backbone keys without probes;
+    read as the vanilla network (no scale needed), labelled as that official file."""
+    import evaluate
+    state = trained_like(official_resnet18())
+    torch.save({"state_dict": state, "stop_epoch": 119, "optimizer": {}}, tmp_path / "vanilla.pt")
+    model = evaluate.load_model(str(tmp_path / "vanilla.pt"), official="cifs", dataset="synthetic")
+    with torch.no_grad():
+        torch.testing.assert_close(model(SCALE_1_X), official_resnet18_l4_logits(state, SCALE_1_X, 1.0),
+                                   rtol=1e-5, atol=1e-5)
+    (result,) = evaluate.main([str(tmp_path / "vanilla.pt"), "--device", "cpu", "--n-examples", "10", "--attacks",
+                               "natural", "--log-interval", "1e9", "--official", "cifs", "--official-dataset",
+                               "synthetic", "--out", str(tmp_path / "eval")])
+    assert result["run"]["no_cifs"] is True and "--network _" in result["official"]
+
+
+def test_evaluate_builds_an_official_fsr_file_with_the_stated_tau(tmp_path):
+    import evaluate
+    torch.save(filled(official_resnet18() | official_fsr_module(512, 10)), tmp_path / "fsr.pth")
+    default = evaluate.load_model(str(tmp_path / "fsr.pth"), official="fsr", dataset="synthetic")
+    stated = evaluate.load_model(str(tmp_path / "fsr.pth"), official="fsr", dataset="synthetic", tau=0.5)
+    taus = [[m.tau for m in model.modules() if isinstance(m, fsr.FSR)] for model in (default, stated)]
+    assert taus == [[0.1], [0.5]]
+    (result,) = evaluate.main([str(tmp_path / "fsr.pth"), "--device", "cpu", "--n-examples", "10", "--attacks",
+                               "natural", "--log-interval", "1e9", "--official", "fsr", "--official-dataset",
+                               "synthetic", "--official-tau", "0.5", "--out", str(tmp_path / "eval")])
+    assert result["run"]["tau"] == 0.5 and result["official"] == "wkim97/FSR train.py, tau 0.5"
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main([str(tmp_path / "fsr.pth"), "--official", "cifs", "--official-tau", "0.5"])
+    assert "--official-tau 0.5" in str(raised.value.code)
