@@ -85,14 +85,6 @@ QUIET = dict(log=lambda *a: None)
 SCRIPTS = pytest.mark.parametrize("script", [fsr, cifs], ids=["fsr", "cifs"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(script, tmp_path, **kw):
     settings = dict(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=40, device="cpu",
                     strategy="at", epochs=1, batch_size=20, attack_steps=1, eval_every=1, eval_steps=1,

@@ -46,14 +46,6 @@ from models import DATASETS, DatasetNotFoundError, load_dataset
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_md5(monkeypatch):
     """torchvision's CIFAR and SVHN classes accept files that exist (they check MD5 sums otherwise;

@@ -27,14 +27,6 @@ TINY = dict(dataset="synthetic", synthetic_shape="3,16,16", synthetic_size=200, 
             log_interval=1e9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(module, tmp_path, **overrides):
     return module.Args(**{**TINY, "runs_dir": str(tmp_path), "run_name": "run", **overrides})
 
