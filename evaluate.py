@@ -43,7 +43,6 @@ channel analysis are also drawn: <name>_masking.png and <name>_channels.png.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -55,7 +54,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

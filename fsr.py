@@ -482,7 +482,7 @@ def train(args: Args, log=print) -> dict:
         return checkpoint["metrics"]
     initial = initial_weights(args, METHOD, official_state_dict, log) if args.init_from else None
     with process_group(args) as (rank, world_size):
-        device, amp, autocast, memory_format = device_settings(args)
+        device, _, autocast, memory_format = device_settings(args)
         seed_everything(args.seed, args.deterministic)
         model = build_network(args)
         if args.sync_bn and world_size > 1:

@@ -1730,9 +1730,10 @@ def epoch_summary(metrics: dict, args, history: list, train_accuracy_note: str) 
 
 def run_banner(method: str, args, model: nn.Module, device, data: str, run_dir: str, world_size: int) -> str:
     """The first line of a run: what is trained on what, where, how."""
+    precision = "bf16 autocast" if args.amp else "fp32" if device.type != "cuda" else \
+        "strict fp32" if args.strict_fp32 else "fp32 (TF32 convolutions allowed)"  # see set_tf32
     return (f"{method}: {args.model} on {args.dataset} ({data}), strategy {args.strategy}, "
-            f"{count_parameters(model) / 1e6:.2f} M params, device {device}, {'bf16 autocast' if args.amp else 'fp32'}, "
-            f"run {run_dir}"
+            f"{count_parameters(model) / 1e6:.2f} M params, device {device}, {precision}, run {run_dir}"
             + (f", {world_size} processes x {args.batch_size // world_size} images"
                f"{' (SyncBatchNorm)' if args.sync_bn else ''}" if world_size > 1 else ""))
 

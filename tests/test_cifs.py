@@ -8,7 +8,6 @@ Everything runs on the CPU: smallcnn on 3x16x16 synthetic images.
 
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
