@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 import attacks
-from cifs import CIFS
+from cifs import CIFS, OFFICIAL_SOFTMAX_SCALES
 from fsr import FSR
 from fsr import pool as fsr_pool
 from models import (DATASETS, MODELS, CheckpointError, arg, args_from_checkpoint, balanced_subset, check_writable,
@@ -203,7 +203,7 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--official-model {args.official_model!r}: use one of {', '.join(MODELS)}")
     if args.official_dataset not in DATASETS:
         raise ValueError(f"--official-dataset {args.official_dataset!r}: use one of {', '.join(DATASETS)}")
-    if args.official_softmax_scale is not None and (args.official != "cifs" or args.official_softmax_scale not in (1, 2)):
+    if args.official_softmax_scale is not None and (args.official != "cifs" or args.official_softmax_scale not in OFFICIAL_SOFTMAX_SCALES):
         raise ValueError(f"--official-softmax-scale {args.official_softmax_scale:g}: give 1 or 2, with --official cifs")
     if args.official_tau is not None and (args.official != "fsr" or not args.official_tau > 0):
         raise ValueError(f"--official-tau {args.official_tau:g}: give a positive temperature, with --official fsr")
@@ -300,7 +300,7 @@ def official_origin(method: str, run_args) -> str:
             return "HanshuYAN/CIFS CIFAR10_Res18_CIFS.py --network _ (vanilla ResNet-18, models/nets/resnet_.py)"
         scale = run_args.official_softmax_scale
         return (f"HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask {scale:g} x softmax "
-                f"({importlib.import_module('cifs').OFFICIAL_SOFTMAX_SCALES[scale]})")
+                f"({OFFICIAL_SOFTMAX_SCALES[scale]})")
     return f"wkim97/FSR train.py, tau {run_args.tau:g}"
 
 

@@ -51,6 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import attacks  # for the monitoring PGD of run support (attacks.py imports nothing from here)
+
 
 # =============================================================================================
 # Network: a backbone as named units, with slots for inserted modules
@@ -1589,7 +1591,6 @@ def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
     """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol)
     in fp32; under torchrun each process takes its share and the counts are summed, which gives
     the single-process figures."""
-    import attacks  # attacks.py needs nothing from here; imported late to keep this file's imports short
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
     for x, y in loader.epoch(0):
