@@ -19,7 +19,7 @@ Run:
 The file reads top to bottom: Args -> the recipe defaults -> the CIFS module -> the network that
 hosts it -> losses -> the training step -> checks -> train(), whose epoch loop is all of adversarial
 training -> main(). The machinery around the loop (parsing, checks, checkpoints, run folder,
-torchrun, progress, plots) is the "run support" part of models.py. Blocks marked "shared block" are
+torchrun, progress, plots) is run_support.py, the networks models.py, the data data.py. Blocks marked "shared block" are
 identical in fsr.py (tests/test_shared_blocks.py checks it). Speed: benchmarks/speed.py.
 """
 
@@ -36,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from models import (AT_LEAST_1, DATASETS, MODELS, NON_NEGATIVE, POSITIVE, CheckpointError, EpochProgress, Network, arg,
-                    broadcast_buffers, build_model, clean_and_robust_accuracy, convert_sync_batchnorm, data_loaders,
-                    data_parallel, dataset_info, device_settings, draw_curves, epoch_summary, initial_weights,
-                    input_shape, learning_rate, load_weights, official_to_ours, parse_args, process_group, restore_rng,
-                    rng_states, run_banner, run_folder, save_checkpoint, seed_everything, seed_rank, start_run,
-                    write_metrics)
+from data import DATASETS, dataset_info
+from models import MODELS, Network, build_model, official_to_ours
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, EpochProgress, arg, broadcast_buffers, check_args,
+                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, draw_curves, epoch_summary,
+                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
+                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_banner,
+                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "cifs"
 
@@ -106,8 +107,7 @@ class Args:
                             "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
-    sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
-                        "for small per-GPU batches")
+    sync_bn: bool = arg(False, "under torchrun on GPUs: BatchNorm statistics of the global batch (nn.SyncBatchNorm)")
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
@@ -123,7 +123,6 @@ class Args:
 # The published recipe per dataset (CIFS §4.1 and appendices B-D; official CIFAR10_Res18_CIFS.py). Milestones
 # are those of the official MultiStepLR([75, 90]), stepped after each epoch: 75 epochs at 0.1, then
 # 15 at 0.01 (the authors' log shows 0-indexed epoch 74 at 0.1 and epoch 75 at 0.01). Weight decay
-
 # 2e-4 for ResNet-18 and ResNet-10, 5e-4 for SVHN and WRN-28-10 (see resolve). Synthetic is a CPU demo.
 DEFAULTS = {
     "cifar10": dict(model="resnet18", epochs=120, lr=0.1, weight_decay=2e-4, milestones="75,90", attack_steps=10, step=1 / 4),
@@ -234,14 +233,14 @@ def global_average_pool(z: torch.Tensor) -> torch.Tensor:
 class CIFS(nn.Module):
     """Channel-wise importance-based feature selection on a feature map z (B x C x H x W).
 
-    forward(z) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
+    forward(z, labels=None) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
       p = probe(z), the raw probe logits on the non-detached z (their CE, Eq. 3, trains probe and backbone);
       m = IMGF(g), g = dS/du: the gradient of S (the batch sum of the selected probe logits, see
         `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2). So the
         backbone gets d(z*m)/dz = m and input-gradient attacks see a constant mask; in train mode the
         gradient keeps its graph (create_graph): the probe also learns through the mask.
-    Train mode needs the true labels (`with cifs_labels(model, y): model(x)`); eval mode uses the
-    probe's own top-k (what test time and attacks see)."""
+    Train mode needs the true labels, passed as in the official `forward(x, y=None)` (`model(x, y)`);
+    eval mode ignores them and uses the probe's own top-k (what test time and attacks see)."""
 
     def __init__(self, channels: int, num_classes: int, probe: str = "linear", hidden: int = 128,
                  mask_fn: str = "softmax", softmax_scale: float = 1.0, top_k: int = 2):
@@ -252,9 +251,6 @@ class CIFS(nn.Module):
             raise ValueError(f"top_k={top_k} must be between 1 and num_classes={num_classes}")
         self.head = make_probe_head(channels, num_classes, probe, hidden)
         self.probe, self.mask_fn, self.softmax_scale, self.top_k = probe, mask_fn, softmax_scale, top_k
-        # Set only by `cifs_labels` for the duration of one train-mode forward; a plain attribute
-        # (not a buffer), so it never enters the state dict.
-        self.labels: torch.Tensor | None = None
         # evaluate.py's "(through mask)" columns (default for CIFS models; --no-through-mask: off; not in
         # either paper): the relevance is taken on u itself with create_graph, so gradients flow through m.
         self.differentiable_mask = False
@@ -284,34 +280,15 @@ class CIFS(nn.Module):
         g = self.relevance(global_average_pool(z), labels)
         return relevance_mask(g, self.mask_fn, self.softmax_scale).to(z.dtype)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        if self.training and labels is None:
+            raise ValueError("CIFS in train mode needs the true labels (the relevance uses the label's logit): call "
+                             "model(x, y), or model.eval() for top-k masks")
+        if self.training and labels.shape != (z.shape[0],):
+            raise ValueError(f"CIFS labels have shape {tuple(labels.shape)}, expected ({z.shape[0]},)")
         p = self.head(global_average_pool(z))
-        m = self.channel_mask(z, self._labels_for(z) if self.training else None)
+        m = self.channel_mask(z, labels if self.training else None)
         return z * m[:, :, None, None], {"probe": p}
-
-    def _labels_for(self, z: torch.Tensor) -> torch.Tensor:
-        """The labels set by `cifs_labels`, checked against the batch."""
-        if self.labels is None:
-            raise ValueError("CIFS in train mode needs the true labels (the relevance uses the label's logit): run "
-                             "the forward inside `with cifs_labels(model, y):`, or model.eval() for top-k masks")
-        if self.labels.shape != (z.shape[0],):
-            raise ValueError(f"CIFS labels have shape {tuple(self.labels.shape)}, expected ({z.shape[0]},)")
-        return self.labels
-
-
-@contextlib.contextmanager
-def cifs_labels(model: nn.Module, labels: torch.Tensor):
-    """Give every CIFS module in `model` the batch labels for the forward(s) inside the block; the
-    previous labels come back on exit (also on exceptions). Yields the CIFS modules found."""
-    modules = [m for m in model.modules() if isinstance(m, CIFS)]
-    previous = [m.labels for m in modules]
-    for m in modules:
-        m.labels = labels
-    try:
-        yield modules
-    finally:
-        for m, old in zip(modules, previous):
-            m.labels = old
 
 
 # ==== The network that hosts it ==============================================================
@@ -497,12 +474,6 @@ def craft_adversarial(model, x, y, args, epoch, attack_loss):
 # ==== The training step ======================================================================
 
 
-def forward(model, x, y):
-    """The parameter-update forward: in train mode CIFS uses the true label's logit (see `select_classes`)."""
-    with cifs_labels(model, y):
-        return model(x)
-
-
 def objective(loss_cls, logits, emitted, y, args):
     """Eq. 3 with the strategy's L_cls in place of CE(final, y) (for AT they are the same)."""
     return cifs_loss(logits, emitted, y, args.beta, args.official_scale, loss_cls=loss_cls)
@@ -531,8 +502,10 @@ class UpdatePasses(nn.Module):
         # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
         # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
         # three (clean, adversarial, clean again: the same values, one more running-statistics update).
-        logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
-        logits, emitted = forward(self.network, x_train, y)
+        # The labels reach the inserted modules: CIFS's train-mode masks use the true label's logit
+        # (CIFS §3.2, the official forward(x, y)); FSR ignores them.
+        logits_clean = self.network(x_clean, y)[0] if self.strategy in ("trades", "mart") else None
+        logits, emitted = self.network(x_train, y)
         return logits_clean, logits, emitted
 
 
@@ -555,7 +528,7 @@ def training_step(model, x, y, args, epoch, autocast, update=None):
 # ---- end shared block ------------------------------------------------------------------------
 
 
-# ==== Cross-field checks (models.check_args applies them and the ranges, before any work) ====
+# ==== Cross-field checks (train() applies them after run_support.check_args, before any work) ====
 
 METHOD_RANGES = {"beta": NON_NEGATIVE, "softmax_scale": POSITIVE, "hidden": AT_LEAST_1,
                  "official_softmax_scale": (lambda v: v in OFFICIAL_SOFTMAX_SCALES, "must be 1 (the released "
@@ -582,23 +555,38 @@ def check_method_args(args: Args) -> None:
 # ---- shared block: training loop (identical in fsr.py and cifs.py) -----------------------------
 
 
+def initial_weights(args: Args, log) -> dict:
+    """--init-from's weights: a checkpoint of this method (the network must fit) or an official state dict."""
+    raw = read_torch_file(args.init_from, "--init-from")
+    if is_checkpoint(raw):
+        return load_checkpoint(args.init_from, METHOD)["model"]
+    state, notes = official_state_dict(raw, args)
+    for note in notes:
+        log(f"--init-from: {note}")
+    return state
+
+
 def train(args: Args, log=print) -> dict:
-    """The whole run, returning the last epoch's metrics; the helpers are models.py's run support.
-    Under `torchrun --nproc_per_node=N` one process per GPU trains data-parallel: --batch-size is the
-    global batch, split over the processes, the learning rate unchanged; every process starts from
-    the same weights; only rank 0 logs and writes the run folder."""
+    """The whole run, returning the last epoch's metrics. Under `torchrun --nproc_per_node=N` one process
+    per GPU trains data-parallel: --batch-size is the global batch, split over the processes, the learning
+    rate unchanged; every process starts from the same weights; only rank 0 logs and writes the run folder."""
     log = log if os.environ.get("RANK", "0") == "0" else (lambda *_: None)
-    args, checkpoint, run_dir = start_run(args, METHOD, resolve, METHOD_RANGES, check_method_args, log)
+    # TRY NOT TO MODIFY: settings (a resumed run keeps its own), every check before any work
+    checkpoint = resume_checkpoint(args, METHOD)
+    args = resumed_settings(args, checkpoint, log) if checkpoint else resolve(args)
+    check_args(args, METHOD_RANGES)
+    check_method_args(args)
+    run_dir = run_directory(args, METHOD, checkpoint)
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         log(f"{args.resume} has already run all {args.epochs} epochs: nothing to do (pass a larger --epochs to extend it)")
         return checkpoint["metrics"]
-    initial = initial_weights(args, METHOD, official_state_dict, log) if args.init_from else None
+    initial = initial_weights(args, log) if args.init_from else None
     with process_group(args) as (rank, world_size):
         device, _, autocast, memory_format = device_settings(args)
         seed_everything(args.seed, args.deterministic)
         model = build_network(args)
-        if args.sync_bn and world_size > 1:
-            model = convert_sync_batchnorm(model, device)
+        if args.sync_bn and world_size > 1:  # BatchNorm statistics of the global batch (CUDA only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device, memory_format=memory_format)
         seed_rank(args.seed, rank)  # attack noise differs across processes
         network = torch.compile(model) if args.compile else model  # what the attack runs on: never DDP-wrapped
@@ -621,7 +609,7 @@ def train(args: Args, log=print) -> dict:
             elif args.init_from:
                 log(f"initialised the weights from {args.init_from}")
             log(run_banner(METHOD, args, model, device, data, run_dir, world_size))
-            for epoch in range(start_epoch, args.epochs):
+            for epoch in range(start_epoch, args.epochs):  # ALGO LOGIC: adversarial training
                 lr = learning_rate(args, epoch)  # 10x lower after each milestone
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -64,10 +64,11 @@ import attacks
 from cifs import CIFS, OFFICIAL_SOFTMAX_SCALES
 from fsr import FSR
 from fsr import pool as fsr_pool
-from models import (DATASETS, MODELS, CheckpointError, arg, args_from_checkpoint, balanced_subset, check_writable,
-                    dataset_info, init_distributed, load_dataset, load_weights, pick_device,
-                    plot_training_curves, read_torch_file, set_tf32, write_text_atomically)
-from models import parse_args as parse_args_of
+from data import DATASETS, balanced_subset, dataset_info, load_dataset
+from models import MODELS
+from run_support import (CheckpointError, arg, args_from_checkpoint, check_writable, init_distributed, load_weights,
+                         pick_device, plot_training_curves, read_torch_file, set_tf32, write_text_atomically)
+from run_support import parse_args as parse_args_of
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -783,10 +784,28 @@ def run_autoattack_cifs(model, x_all, y_all, num_classes: int, args: Args, eps: 
 # =============================================================================================
 
 
+@contextlib.contextmanager
 def fsr_output(model: nn.Module, output: str):
     """Every FSR module passes on `output` (robust f+, non_robust f-, recalibrated f~-, or full f~,
-    the method) for the duration of the block; restored on exit."""
-    return module_attribute(model, FSR, "output", output)
+    the method) for the duration of the block (FSR Table 5), through a forward hook that replaces
+    the module's output by that feature, computed as FSR.forward computes it (§3.1-3.2); the heads
+    are the module's own. The module itself is untouched; the hooks are removed on exit."""
+    def replace(module, inputs, result):
+        feature, heads = inputs[0], result[1]
+        robust, non_robust = heads["mask"] * feature, (1 - heads["mask"]) * feature
+        if output == "robust":
+            return robust, heads
+        if output == "non_robust":
+            return non_robust, heads
+        return non_robust + (1 - heads["mask"]) * module.recalibration(non_robust), heads  # f~- = f- + m- R(f-)
+
+    modules = [m for m in model.modules() if isinstance(m, FSR)] if output != "full" else []
+    hooks = [m.register_forward_hook(replace, prepend=True) for m in modules]  # before any other hook
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def fsr_analysis(model, run_args, args: Args, eps: float, x, y, done: dict, log) -> tuple[dict, float]:
@@ -859,10 +878,9 @@ def fsr_features(model, x, args: Args) -> dict:
     device = next(model.parameters()).device
     parts = []
     try:
-        with fsr_output(model, "full"):
-            for i in range(0, len(x), args.batch_size):
-                model(x[i:i + args.batch_size].to(device))
-                parts.append(dict(captured))
+        for i in range(0, len(x), args.batch_size):
+            model(x[i:i + args.batch_size].to(device))
+            parts.append(dict(captured))
     finally:
         for hook in hooks:
             hook.remove()

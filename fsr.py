@@ -16,7 +16,7 @@ Run:
 The file reads top to bottom: Args -> the recipe defaults -> the FSR module -> the network that
 hosts it -> losses -> the training step -> checks -> train(), whose epoch loop is all of adversarial
 training -> main(). The machinery around the loop (parsing, checks, checkpoints, run folder,
-torchrun, progress, plots) is the "run support" part of models.py. Blocks marked "shared block" are
+torchrun, progress, plots) is run_support.py, the networks models.py, the data data.py. Blocks marked "shared block" are
 identical in cifs.py (tests/test_shared_blocks.py checks it). Speed: benchmarks/speed.py.
 """
 
@@ -33,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from models import (AT_LEAST_1, DATASETS, MODELS, NON_NEGATIVE, POSITIVE, CheckpointError, EpochProgress, Network, arg,
-                    broadcast_buffers, build_model, clean_and_robust_accuracy, convert_sync_batchnorm, data_loaders,
-                    data_parallel, dataset_info, device_settings, draw_curves, epoch_summary, initial_weights,
-                    input_shape, learning_rate, load_weights, official_to_ours, parse_args, process_group, restore_rng,
-                    rng_states, run_banner, run_folder, save_checkpoint, seed_everything, seed_rank, start_run,
-                    write_metrics)
+from data import DATASETS, dataset_info
+from models import MODELS, Network, build_model, official_to_ours
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, EpochProgress, arg, broadcast_buffers, check_args,
+                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, draw_curves, epoch_summary,
+                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
+                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_banner,
+                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "fsr"
 
@@ -103,8 +104,7 @@ class Args:
                             "the official codes also get there, runs them in TF32; no effect on the CPU)")
     channels_last: bool = arg(None, "channels_last memory format (default: on with CUDA)", bool)
     compile: bool = arg(False, "torch.compile the network")
-    sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm), "
-                        "for small per-GPU batches")
+    sync_bn: bool = arg(False, "under torchrun on GPUs: BatchNorm statistics of the global batch (nn.SyncBatchNorm)")
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
@@ -117,7 +117,6 @@ class Args:
 
 # The published recipe per dataset (FSR paper §4.1; official train.py and run.sh). Milestones count
 # the epochs run before each 10x drop (torch's MultiStepLR): the official rule `if epoch >= 75` on
-
 # 1-indexed epochs runs epochs 1-74 at 0.1, 75-89 at 0.01 and 90-100 at 0.001, i.e. "74,89".
 # Fashion-MNIST is not in the FSR paper: its recipe is the CIFS one. Synthetic is a CPU demo.
 DEFAULTS = {
@@ -132,8 +131,7 @@ DEFAULTS = {
 # fourth conv stage of VGG16 before its max-pool, the last group of WRN-34-10 with its BN-ReLU).
 DEFAULT_POSITIONS = {"resnet18": "layer4", "resnet10": "layer4", "resnet50": "layer4", "vgg16": "stage4",
                      "wrn34_10": "final", "wrn28_10": "final", "smallcnn": "conv3"}
-# What the training accuracy measures (said next to it on the console and in curves.png).
-TRAIN_ACCURACY_NOTE = "training batches, train mode: Gumbel-noise masks"
+TRAIN_ACCURACY_NOTE = "training batches, train mode: Gumbel-noise masks"  # what train acc measures (console, curves)
 
 
 def resolve(args: Args) -> Args:
@@ -168,8 +166,9 @@ def conv_net(channels: int, hidden: int) -> nn.Sequential:
 class FSR(nn.Module):
     """Feature Separation and Recalibration on a feature map f (B x C x H x W).
 
-    forward(f) -> (f~, heads): f~ = f+ + f~- replaces f downstream; `heads` holds the auxiliary
-    logits h(f+), h(f-), h(f~-) for the losses (Eq. 3-4) and the mask m (for analysis).
+    forward(f, labels=None) -> (f~, heads): f~ = f+ + f~- replaces f downstream; `heads` holds the
+    auxiliary logits h(f+), h(f-), h(f~-) for the losses (Eq. 3-4) and the mask m (for analysis).
+    `labels` are unused (FSR's masks need none; the argument is the `Network.insert` contract).
     The Gumbel noise is on in train mode and off in eval mode, so evaluation and every attack
     (the training attack included: attacks run in eval mode) see the deterministic mask.
     """
@@ -181,9 +180,6 @@ class FSR(nn.Module):
         self.separation = conv_net(channels, hidden) if separation else None      # S: f -> r
         self.recalibration = conv_net(channels, hidden) if recalibration else None  # R
         self.head = nn.Linear(channels, num_classes)  # h: shared by f+, f-, f~- (the code's one linear layer)
-        # Which feature forward passes downstream (FSR Table 5 analysis, set by evaluate.py):
-        # "full" f~ (the method), "robust" f+, "non_robust" f-, "recalibrated" f~-.
-        self.output = "full"
 
     def mask(self, robustness_map: torch.Tensor) -> torch.Tensor:
         """Eq. 2: m = softmax{(log s + g1)/tau, (log(1-s) + g2)/tau}[0] with s = sigmoid(r),
@@ -204,7 +200,7 @@ class FSR(nn.Module):
         logit_neg = (torch.log(1 - score + 1e-8) + gumbel_neg) / (self.tau + 1e-8)
         return torch.sigmoid(logit_pos - logit_neg)
 
-    def forward(self, feature: torch.Tensor):
+    def forward(self, feature: torch.Tensor, labels: torch.Tensor | None = None):
         if self.separation is not None:
             mask = self.mask(self.separation(feature))  # m+ = m (robust), m- = 1 - m
         else:  # "w/o Separation" (Table 6): m = 0, every activation is recalibrated
@@ -215,16 +211,10 @@ class FSR(nn.Module):
         if self.separation is not None:
             heads["robust"] = self.head(pool(robust))          # p+ of Eq. 3
             heads["non_robust"] = self.head(pool(non_robust))  # p- of Eq. 3
-        if self.output == "robust":  # Table 5: f+ in place of f~
-            return robust, heads
-        if self.output == "non_robust":  # Table 5: f- in place of f~
-            return non_robust, heads
         if self.recalibration is None:  # "w/o Recalibration" (Table 6): non-robust activations dropped
             return robust, heads
         recalibrated = non_robust + (1 - mask) * self.recalibration(non_robust)  # f~- = f- + m- (x) R(f-) (§3.2)
         heads["recalibrated"] = self.head(pool(recalibrated))                    # p~- of Eq. 4
-        if self.output == "recalibrated":  # Table 5: f~- in place of f~
-            return recalibrated, heads
         return robust + recalibrated, heads    # f~ = f+ + f~-
 
 
@@ -397,11 +387,6 @@ def craft_adversarial(model, x, y, args, epoch, attack_loss):
 # ==== The training step ======================================================================
 
 
-def forward(model, x, y):
-    """The parameter-update forward (FSR needs no labels inside the network)."""
-    return model(x)
-
-
 def objective(loss_cls, logits, emitted, y, args):
     """The full objective of Eq. 5: L_cls of the strategy plus the FSR terms."""
     loss_fsr, parts = fsr_loss(logits, emitted, y, args.lambda_sep, args.lambda_rec, args.y_prime)
@@ -430,8 +415,10 @@ class UpdatePasses(nn.Module):
         # TRADES and MART also need the clean logits, from a separate forward, so BatchNorm sees the
         # clean and the adversarial batch separately, as in mart.py (two forwards); trades.py runs
         # three (clean, adversarial, clean again: the same values, one more running-statistics update).
-        logits_clean = forward(self.network, x_clean, y)[0] if self.strategy in ("trades", "mart") else None
-        logits, emitted = forward(self.network, x_train, y)
+        # The labels reach the inserted modules: CIFS's train-mode masks use the true label's logit
+        # (CIFS §3.2, the official forward(x, y)); FSR ignores them.
+        logits_clean = self.network(x_clean, y)[0] if self.strategy in ("trades", "mart") else None
+        logits, emitted = self.network(x_train, y)
         return logits_clean, logits, emitted
 
 
@@ -454,7 +441,7 @@ def training_step(model, x, y, args, epoch, autocast, update=None):
 # ---- end shared block ------------------------------------------------------------------------
 
 
-# ==== Cross-field checks (models.check_args applies them and the ranges, before any work) =====
+# ==== Cross-field checks (train() applies them after run_support.check_args, before any work) ====
 
 METHOD_RANGES = {"tau": POSITIVE, "hidden": AT_LEAST_1, "lambda_sep": NON_NEGATIVE, "lambda_rec": NON_NEGATIVE}
 
@@ -470,23 +457,38 @@ def check_method_args(args: Args) -> None:
 # ---- shared block: training loop (identical in fsr.py and cifs.py) -----------------------------
 
 
+def initial_weights(args: Args, log) -> dict:
+    """--init-from's weights: a checkpoint of this method (the network must fit) or an official state dict."""
+    raw = read_torch_file(args.init_from, "--init-from")
+    if is_checkpoint(raw):
+        return load_checkpoint(args.init_from, METHOD)["model"]
+    state, notes = official_state_dict(raw, args)
+    for note in notes:
+        log(f"--init-from: {note}")
+    return state
+
+
 def train(args: Args, log=print) -> dict:
-    """The whole run, returning the last epoch's metrics; the helpers are models.py's run support.
-    Under `torchrun --nproc_per_node=N` one process per GPU trains data-parallel: --batch-size is the
-    global batch, split over the processes, the learning rate unchanged; every process starts from
-    the same weights; only rank 0 logs and writes the run folder."""
+    """The whole run, returning the last epoch's metrics. Under `torchrun --nproc_per_node=N` one process
+    per GPU trains data-parallel: --batch-size is the global batch, split over the processes, the learning
+    rate unchanged; every process starts from the same weights; only rank 0 logs and writes the run folder."""
     log = log if os.environ.get("RANK", "0") == "0" else (lambda *_: None)
-    args, checkpoint, run_dir = start_run(args, METHOD, resolve, METHOD_RANGES, check_method_args, log)
+    # TRY NOT TO MODIFY: settings (a resumed run keeps its own), every check before any work
+    checkpoint = resume_checkpoint(args, METHOD)
+    args = resumed_settings(args, checkpoint, log) if checkpoint else resolve(args)
+    check_args(args, METHOD_RANGES)
+    check_method_args(args)
+    run_dir = run_directory(args, METHOD, checkpoint)
     if checkpoint and checkpoint["epoch"] >= args.epochs:
         log(f"{args.resume} has already run all {args.epochs} epochs: nothing to do (pass a larger --epochs to extend it)")
         return checkpoint["metrics"]
-    initial = initial_weights(args, METHOD, official_state_dict, log) if args.init_from else None
+    initial = initial_weights(args, log) if args.init_from else None
     with process_group(args) as (rank, world_size):
         device, _, autocast, memory_format = device_settings(args)
         seed_everything(args.seed, args.deterministic)
         model = build_network(args)
-        if args.sync_bn and world_size > 1:
-            model = convert_sync_batchnorm(model, device)
+        if args.sync_bn and world_size > 1:  # BatchNorm statistics of the global batch (CUDA only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device, memory_format=memory_format)
         seed_rank(args.seed, rank)  # attack noise differs across processes
         network = torch.compile(model) if args.compile else model  # what the attack runs on: never DDP-wrapped
@@ -509,7 +511,7 @@ def train(args: Args, log=print) -> dict:
             elif args.init_from:
                 log(f"initialised the weights from {args.init_from}")
             log(run_banner(METHOD, args, model, device, data, run_dir, world_size))
-            for epoch in range(start_epoch, args.epochs):
+            for epoch in range(start_epoch, args.epochs):  # ALGO LOGIC: adversarial training
                 lr = learning_rate(args, epoch)  # 10x lower after each milestone
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -5,7 +5,7 @@ What it measures, in one process and one run, for one backbone, image shape, bat
 uniform start, eps 8/255, step eps/4):
 
   plain      the scripts' fast path (fsr.py --no-fsr): training split on the device as uint8 and
-             augmented there (models.DeviceLoader), bf16 autocast and channels_last by default on
+             augmented there (data.DeviceLoader), bf16 autocast and channels_last by default on
              CUDA, attacks with input-only gradients; fsr.training_step + SGD step
   +FSR       the same through fsr.py
   +CIFS      the same through cifs.py
@@ -39,6 +39,7 @@ line) to --out as JSON.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -60,6 +61,7 @@ if REPO not in sys.path:  # `python benchmarks/speed.py` puts benchmarks/ on the
 
 import torch  # noqa: E402
 import torch.utils.data  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -68,10 +70,11 @@ from torchvision import transforms  # noqa: E402
 
 import cifs  # noqa: E402
 import fsr  # noqa: E402
-from models import (DeviceLoader, ImageSplit, broadcast_buffers, build_model, check_args,  # noqa: E402
-                    clean_and_robust_accuracy, count_flops, count_parameters, data_parallel, dataset_info,
-                    device_settings, input_shape, make_synthetic, pick_device, process_group, seed_everything)
-from models import arg, parse_args as parse_args_of  # noqa: E402
+from data import DeviceLoader, ImageSplit, dataset_info, make_synthetic  # noqa: E402
+from models import build_model, count_parameters  # noqa: E402
+from run_support import (arg, broadcast_buffers, check_args, clean_and_robust_accuracy, data_parallel,  # noqa: E402
+                         device_settings, input_shape, pick_device, process_group, seed_everything)
+from run_support import parse_args as parse_args_of  # noqa: E402
 
 VARIANTS = ("plain", "fsr", "cifs", "reference")
 LABELS = {"plain": "plain", "fsr": "+FSR", "cifs": "+CIFS", "reference": "reference loop"}
@@ -206,6 +209,34 @@ def forward_equivalents(args) -> int:
     return attack + update
 
 
+def count_flops(model: nn.Module, input_shape: tuple) -> int:
+    """Forward FLOPs for one image: 2 x multiply-accumulates of every convolution and linear layer
+    call (the usual convention: ResNet-18 on 32x32 is 1.11 GFLOPs, FSR Table 7; element-wise ops,
+    pooling and CIFS's relevance gradient are not counted). Counted with forward hooks on a CPU copy
+    in eval mode, so the model itself (mode, BatchNorm statistics, device) is untouched.
+    (torch's FlopCounterMode would also do, but its module tracker breaks on the autograd.grad call
+    inside a CIFS forward.)"""
+    clone = copy.deepcopy(model).to("cpu").float().eval()
+    total = 0
+
+    def conv(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    def linear(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * module.in_features
+
+    for module in clone.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(conv)
+        elif isinstance(module, nn.Linear):
+            module.register_forward_hook(linear)
+    with torch.no_grad():
+        clone(torch.zeros(1, *input_shape))
+    return total
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -268,7 +299,7 @@ def peak_tflops(args: Args, device: torch.device, precision: str) -> float | Non
 def training_record(args: Args, device, round_seconds: list, round_steps: list, peak_memory: float | None,
                     forward_equivalents: int, flops: int, precision: str, **extra) -> dict:
     """The figures of one timed training variant. TFLOP/s counts *useful* FLOPs: forward FLOPs per
-    image (models.count_flops) x forward-equivalents per image (forward_equivalents).
+    image (count_flops) x forward-equivalents per image (forward_equivalents).
     `spread`: (slowest - fastest) / mean seconds per step over the rounds, a noise indicator."""
     seconds = sum(round_seconds)
     images_per_second = sum(round_steps) * args.batch_size / seconds
@@ -309,7 +340,8 @@ def fast_path(script, script_arguments, n_batches: int, rank: int = 0, world_siz
     torchrun (world_size > 1) each process takes its share of every global batch and the update
     passes are DDP-wrapped, as in train()."""
     args = script.resolve(script_arguments)
-    check_args(args, script.METHOD_RANGES, script.check_method_args)
+    check_args(args, script.METHOD_RANGES)
+    script.check_method_args(args)
     device, amp, autocast, memory_format = device_settings(args)
     seed_everything(args.seed, args.deterministic)
     shape, info = input_shape(args), dataset_info(args.dataset)
@@ -356,7 +388,7 @@ def prepare_fast_path(variant: str, args: Args, rank: int = 0, world_size: int =
                                count_flops(run.model, input_shape(run.args)),
                                "bf16" if run.amp else "fp32", parameters=count_parameters(run.model),
                                channels_last=run.memory_format == torch.channels_last,
-                               compiled=bool(run.args.compile), data="on-device uint8 (models.DeviceLoader)",
+                               compiled=bool(run.args.compile), data="on-device uint8 (data.DeviceLoader)",
                                attack_gradients="input only", processes=world_size)
 
     return Prepared(step, run.batches, run.device, record)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import attacks
-from models import build_model, make_synthetic
+from models import build_model
+from data import make_synthetic
 
 # One thread per test process: the suite runs one pytest-xdist worker per core (`-n auto`), and
 # the tiny convolutions here are fastest, and least sensitive to other load, on a single thread.

@@ -14,7 +14,7 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+import run_support  # noqa: E402
 
 
 def die():
@@ -40,7 +40,7 @@ def main():
         write_metrics(run_dir, history)
 
     module.save_checkpoint, module.write_metrics = saving, logging
-    module.train(models.parse_args(module.Args, flags), log=lambda *_: None)
+    module.train(run_support.parse_args(module.Args, flags), log=lambda *_: None)
 
 
 if __name__ == "__main__":

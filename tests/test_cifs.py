@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import cifs
+import data
 import models
+import run_support
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -66,7 +68,7 @@ def synthetic_net(**overrides):
 
 
 def synthetic_batch(n=16, seed=0):
-    split = models.make_synthetic(10, (3, 16, 16), n, seed=seed, train=True)
+    split = data.make_synthetic(10, (3, 16, 16), n, seed=seed, train=True)
     return split.images.float() / 255, split.labels
 
 
@@ -166,8 +168,7 @@ def forward_order(net, x, y=None, train=False):
     net.train(train)
     try:
         if train:
-            with cifs.cifs_labels(net, y):
-                logits, emitted = net(x)
+            logits, emitted = net(x, y)
         else:
             with torch.no_grad():
                 logits, emitted = net(x)
@@ -230,7 +231,7 @@ def test_wrn_layout_through_build_network(monkeypatch):
         assert logits.shape == (2, 10)
         assert order == ["block3_3_branch", "final"]  # P2 (inside the last block) before P1
         assert [e["probe"].shape for e in emitted] == [(2, 10), (2, 10)]
-    assert all(m.labels is None for m in cifs_modules(net))
+    assert all(not hasattr(m, "labels") for m in cifs_modules(net))
 
 
 def test_wrn_branch_and_final_positions_with_cifs_modules():
@@ -457,8 +458,8 @@ def test_training_attack_runs_in_eval_mode_on_the_joint_loss():
     x, y = synthetic_batch(16)
     # give the BatchNorm layers non-default statistics first
     net.train()
-    with cifs.cifs_labels(net, y), torch.no_grad():
-        net(x)
+    with torch.no_grad():
+        net(x, y)
     net.classifier.bias.requires_grad_(False)  # an unusual requires_grad must survive too
     loss_fn = cifs.attack_loss(args)
 
@@ -472,7 +473,7 @@ def test_training_attack_runs_in_eval_mode_on_the_joint_loss():
         after = snapshot(net)
         assert all(torch.equal(v, after[0][k]) for k, v in before[0].items()), "BatchNorm statistics changed"
         assert before[1] == after[1] and before[2] == after[2]
-        assert all(m.labels is None for m in cifs_modules(net))
+        assert all(not hasattr(m, "labels") for m in cifs_modules(net))
         results.append(x_adv)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
@@ -528,7 +529,7 @@ def test_training_step_sets_labels_for_the_update_forward_only(strategy):
     x, y = synthetic_batch(8)
     calls = {key: [] for key in net.inserted}
     for key, module in net.inserted.items():
-        module.register_forward_pre_hook(lambda mod, inp, key=key: calls[key].append((mod.training, mod.labels)))
+        module.register_forward_pre_hook(lambda mod, inp, key=key: calls[key].append((mod.training, inp[1])))
     net.train()
     loss, parts, logits = cifs.training_step(net, x, y, args, 0, NO_AUTOCAST)
 
@@ -540,7 +541,8 @@ def test_training_step_sets_labels_for_the_update_forward_only(strategy):
         assert len(update) == (2 if strategy in ("trades", "mart") else 1), key
         assert all(labels is not None and torch.equal(labels, y) for labels in update), key
         assert (len(attack) > 0) == (strategy != "natural"), key
-    assert all(m.labels is None for m in cifs_modules(net))
+        assert all(labels is None for labels in attack), key  # the attack's forwards get no labels
+    assert all(not hasattr(m, "labels") for m in cifs_modules(net))
     assert all(m.training for m in net.modules())
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
@@ -584,7 +586,7 @@ def test_short_run_learns(tmp_path, strategy, no_cifs):
     assert lines[-1]["val_clean"] == metrics["val_clean"]
     saved = json.loads((run / "args.json").read_text())
     assert saved["strategy"] == strategy and saved["no_cifs"] == no_cifs and saved["model"] == "smallcnn"
-    checkpoint = models.load_checkpoint(str(run / "last.pt"), "cifs")
+    checkpoint = run_support.load_checkpoint(str(run / "last.pt"), "cifs")
     assert checkpoint["method"] == "cifs" and checkpoint["epoch"] == args.epochs
     assert any("inserted" in k for k in checkpoint["model"]) != no_cifs
 
@@ -617,7 +619,7 @@ def test_init_from_warm_starts_the_weights(natural_run, tmp_path):
                "--epochs", "1", "--lr", "1e-30", "--momentum", "0", "--weight-decay", "0", "--monitor-size", "0",
                "--init-from", str(natural_run / "last.pt"), "--runs-dir", str(tmp_path), "--run-name", "warm",
                "--device", "cpu", "--log-interval", "1e9", "--eval-steps", "1"])
-    warm = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
+    warm = run_support.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
     assert warm["epoch"] == 1 and warm["args"]["strategy"] == "at" and warm["args"]["init_from"]
     params = parameters_of(warm["model"], fresh)
     assert params.keys() == parameters_of(natural, fresh).keys() and len(params) == len(list(fresh.parameters()))
@@ -657,15 +659,15 @@ def test_resume_is_bitwise_equivalent(tmp_path):
     with pytest.raises(Interrupted):
         cifs.train(small_args(tmp_path, run_name="b", **settings), log=interrupt_at("epoch 2/3"))
     b = tmp_path / "b"
-    assert models.load_checkpoint(str(b / "last.pt"), "cifs")["epoch"] == 2  # saved before the summary line
+    assert run_support.load_checkpoint(str(b / "last.pt"), "cifs")["epoch"] == 2  # saved before the summary line
     assert len((b / "metrics.jsonl").read_text().splitlines()) == 2
 
     resumed = []
     cifs.train(cifs.Args(resume=str(b / "last.pt"), device="cpu"), log=resumed.append)
     assert any(line.startswith("resumed") for line in resumed)
 
-    final_a = models.load_checkpoint(str(tmp_path / "a" / "last.pt"), "cifs")
-    final_b = models.load_checkpoint(str(b / "last.pt"), "cifs")
+    final_a = run_support.load_checkpoint(str(tmp_path / "a" / "last.pt"), "cifs")
+    final_b = run_support.load_checkpoint(str(b / "last.pt"), "cifs")
     assert final_a["epoch"] == final_b["epoch"] == 3
     assert final_a["model"].keys() == final_b["model"].keys()
     for name, value in final_a["model"].items():
@@ -687,7 +689,7 @@ def test_resume_is_bitwise_equivalent(tmp_path):
 def test_checkpoint_of_another_method_is_refused(natural_run, tmp_path):
     path = relabelled_as_fsr(natural_run, tmp_path / "last.pt")
     with pytest.raises(cifs.CheckpointError, match="fsr"):
-        models.load_checkpoint(str(path), "cifs")
+        run_support.load_checkpoint(str(path), "cifs")
     with pytest.raises(SystemExit) as exit_info:
         cifs.main(["--resume", str(path), "--device", "cpu"])
     assert str(exit_info.value.code).startswith("error:") and "fsr" in str(exit_info.value.code)
@@ -698,7 +700,7 @@ def test_truncated_checkpoint_is_refused(natural_run, tmp_path):
     truncated = tmp_path / "last.pt"
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(cifs.CheckpointError, match="unreadable|truncated"):
-        models.load_checkpoint(str(truncated), "cifs")
+        run_support.load_checkpoint(str(truncated), "cifs")
     with pytest.raises(SystemExit) as exit_info:
         cifs.main(["--resume", str(truncated)])
     message = str(exit_info.value.code)
@@ -785,15 +787,15 @@ def test_learning_rate_of_every_epoch_is_the_official_multisteplr(dataset):
 
 
 def test_fp32_by_default_amp_opt_in_channels_last_tri_state():
-    assert models.parse_args(cifs.Args, []).amp is False and models.parse_args(cifs.Args, []).channels_last is None
-    assert models.parse_args(cifs.Args, ["--amp", "--no-channels-last"]).amp is True
-    assert models.parse_args(cifs.Args, ["--no-channels-last"]).channels_last is False
+    assert run_support.parse_args(cifs.Args, []).amp is False and run_support.parse_args(cifs.Args, []).channels_last is None
+    assert run_support.parse_args(cifs.Args, ["--amp", "--no-channels-last"]).amp is True
+    assert run_support.parse_args(cifs.Args, ["--no-channels-last"]).channels_last is False
 
 
 def test_parse_args_round_trip():
-    a = models.parse_args(cifs.Args, ["--dataset", "fmnist", "--no-cifs", "--mask-fn", "sigmoid", "--softmax-scale", "2",
+    a = run_support.parse_args(cifs.Args, ["--dataset", "fmnist", "--no-cifs", "--mask-fn", "sigmoid", "--softmax-scale", "2",
                          "--top-k", "3", "--official-scale", "--init-from", "x.pt", "--probes", "linear,linear"])
     assert (a.dataset, a.no_cifs, a.mask_fn, a.softmax_scale, a.top_k, a.official_scale, a.init_from, a.probes) == \
         ("fmnist", True, "sigmoid", 2.0, 3, True, "x.pt", "linear,linear")
     assert a.epochs is None and a.positions is None  # left for resolve
-    assert models.parse_args(cifs.Args, []) == cifs.Args()
+    assert run_support.parse_args(cifs.Args, []) == cifs.Args()

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import attacks
 import models
-from cifs import CIFS, cifs_labels, cifs_loss, joint_attack_loss, relevance_mask, select_classes
+import cifs
+from cifs import CIFS, cifs_loss, joint_attack_loss, relevance_mask, select_classes
 
 
 def feature(batch=4, channels=6, size=3, seed=0, dtype=torch.float32):
@@ -59,8 +60,7 @@ def test_linear_relevance_is_the_sum_of_selected_weight_rows(num_classes, top_k)
     torch.testing.assert_close(module.relevance(u, y), expected)
 
     # Through the full forward: the mask is IMGF of that relevance, applied per channel.
-    with cifs_labels(module, y):
-        out, emitted = module(z)
+    out, emitted = module(z, y)
     torch.testing.assert_close(out, z * F.softmax(expected, 1)[:, :, None, None])
     assert emitted["probe"].shape == (4, num_classes)
 
@@ -136,8 +136,7 @@ def test_mask_gives_no_gradient_path_to_the_input(train):
     z = feature().requires_grad_(True)
     y = torch.tensor([0, 1, 2, 3])
     v = torch.randn(4, 6, 3, 3)
-    with cifs_labels(module, y):
-        out, _ = module(z)
+    out, _ = module(z, y)
     m = out.detach() / z.detach()  # per-channel constant mask
     (grad,) = torch.autograd.grad((out * v).sum(), z)
     torch.testing.assert_close(grad, m * v)
@@ -147,8 +146,7 @@ def test_probe_learns_through_the_mask_in_train_mode_only():
     torch.manual_seed(0)
     for probe in ("linear", "mlp"):
         module = CIFS(6, 4, probe, hidden=8).train()
-        with cifs_labels(module, torch.tensor([0, 1, 2, 3])):
-            out, _ = module(feature())
+        out, _ = module(feature(), torch.tensor([0, 1, 2, 3]))
         (out * torch.randn_like(out)).sum().backward()  # a loss on the masked output only, not on p
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters()
                    if p.dim() == 2), probe  # every weight matrix feeds the relevance
@@ -165,24 +163,34 @@ def test_probe_learns_through_the_mask_in_train_mode_only():
 
 def test_train_mode_without_labels_raises():
     module = CIFS(6, 4).train()
-    with pytest.raises(ValueError, match="cifs_labels"):
+    with pytest.raises(ValueError, match=r"model\(x, y\)"):
         module(feature())
-    with cifs_labels(module, torch.tensor([0, 1])), pytest.raises(ValueError, match="expected"):
-        module(feature(batch=4))  # wrong batch size
+    with pytest.raises(ValueError, match="expected"):
+        module(feature(batch=4), torch.tensor([0, 1]))  # wrong batch size
     module.eval()
     module(feature())  # eval mode needs no labels
 
 
-def test_cifs_labels_sets_every_module_and_clears_even_on_exception():
-    net = torch.nn.Sequential(CIFS(6, 4), torch.nn.Sequential(CIFS(6, 4, "mlp")))
-    y = torch.tensor([1, 2])
-    with cifs_labels(net, y) as found:
-        assert len(found) == 2 and all(m.labels is y for m in found)
-    assert all(m.labels is None for m in found)
-    with pytest.raises(RuntimeError, match="boom"):
-        with cifs_labels(net, y):
-            raise RuntimeError("boom")
-    assert all(m.labels is None for m in found)
+def test_labels_reach_every_module_through_the_network_and_are_kept_nowhere():
+    """The labels are an argument (the official forward(x, y=None)): Network.forward passes them to
+    every inserted module, the WRN branch position included; train mode uses them, eval mode ignores
+    them, and nothing of them is stored on the modules or in the state dict."""
+    torch.manual_seed(0)
+    net = cifs.build_network(cifs.resolve(cifs.Args(dataset="synthetic", model="wrn28_10", synthetic_shape="3,8,8")))
+    seen = []
+    for module in net.inserted.values():
+        module.register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[1]))
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
+    net.train()(x, y)
+    assert len(seen) == 2 and all(labels is y for labels in seen)  # block3.3.branch and final
+    with pytest.raises(ValueError, match="true labels"):
+        net(x)
+    seen.clear()
+    with torch.no_grad():
+        eval_logits = net.eval()(x)[0]
+        assert torch.equal(net(x, y)[0], eval_logits)  # eval mode: top-k masks whatever the labels
+    assert all(labels is None for labels in seen[:2])
+    assert all(not any(torch.is_tensor(v) for v in vars(m).values()) for m in net.inserted.values())
     assert "labels" not in str(list(net.state_dict()))
 
 
@@ -256,8 +264,7 @@ def test_cifs_resnet18_forward_loss_attack():
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 7])
 
     net.train()
-    with cifs_labels(net, y):
-        logits, emitted = net(x)
+    logits, emitted = net(x, y)
     assert logits.shape == (2, 10) and len(emitted) == 2
     assert [name for name, _ in order] == ["layer4_0", "layer4_1"]
     assert all(e is hooked for e, (_, hooked) in zip(emitted, order))
@@ -265,7 +272,7 @@ def test_cifs_resnet18_forward_loss_attack():
     loss, _ = cifs_loss(logits, emitted, y)
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
-    assert all(m.labels is None for m in net.inserted.values())
+    assert all(not hasattr(m, "labels") for m in net.inserted.values())
 
     net.eval()
     with torch.no_grad():

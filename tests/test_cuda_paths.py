@@ -4,7 +4,7 @@ run must not be the first run of these paths). benchmarks/speed.py is not on the
 paths (they never import it); its own CUDA branches are listed at the end.
 
 Forced on the CPU (the operation exists there; the tests below run the scripts' own code):
-  * channels_last, default on with CUDA (models.device_settings: `device.type == 'cuda' if
+  * channels_last, default on with CUDA (run_support.device_settings: `device.type == 'cuda' if
     args.channels_last is None`), through train()'s model.to(memory_format=...) and
     DeviceLoader(channels_last=True): Args(channels_last=True, device='cpu') ->
     test_device_settings_forced_on_the_cpu, test_amp_channels_last_training_step (every method and
@@ -37,7 +37,7 @@ Forced on the CPU (the operation exists there; the tests below run the scripts' 
     torch.device('cuda') and torch.cuda.get/set_rng_state recorded: a GPU checkpoint's entry survives
     save/load with weights_only=True, is restored on CUDA, ignored on the CPU; a CPU checkpoint's
     None is skipped on CUDA).
-  * TF32 and cuDNN settings: models.device_settings calls set_tf32 (fp32 convolutions on a GPU run
+  * TF32 and cuDNN settings: run_support.device_settings calls set_tf32 (fp32 convolutions on a GPU run
     at PyTorch's default, torch.backends.cudnn.allow_tf32 = True, i.e. TF32 on Ampere and later,
     unless --strict-fp32: tests/test_evaluate.py sets and checks both flags on the CPU);
     seed_everything leaves them alone and sets cudnn.benchmark (True, or False with --deterministic, which also sets
@@ -53,9 +53,9 @@ Cannot run on a CPU:
     tests/test_distributed.py.
   * DistributedDataParallel(device_ids=[device.index]) in data_parallel: device_ids name GPUs; the
     CPU form (device_ids=None) runs in tests/test_distributed.py.
-  * The default device (models.pick_device, for the scripts and evaluate.py: 'cuda' when torch.cuda.is_available()) and
+  * The default device (run_support.pick_device, for the scripts and evaluate.py: 'cuda' when torch.cuda.is_available()) and
     LOCAL_RANK -> cuda:<LOCAL_RANK> under torchrun: choose a GPU; the CPU tests pass --device cpu.
-  * torch.cuda.synchronize (models.EpochProgress.metrics, benchmarks/speed.py) and
+  * torch.cuda.synchronize (run_support.EpochProgress.metrics, benchmarks/speed.py) and
     torch.cuda.reset_peak_memory_stats: CUDA-only calls that only make the timings and peak figures
     right; no arithmetic depends on them.
   * torch.cuda.set_rng_state / get_rng_state themselves (recorded, not run, above).
@@ -78,8 +78,10 @@ import attacks
 import cifs
 import fsr
 import models
+import run_support
 from benchmarks import speed
-from models import DeviceLoader, build_model, make_synthetic
+from data import DeviceLoader, make_synthetic
+from models import build_model
 
 QUIET = dict(log=lambda *a: None)
 SCRIPTS = pytest.mark.parametrize("script", [fsr, cifs], ids=["fsr", "cifs"])
@@ -100,11 +102,11 @@ def tiny(script, tmp_path, **kw):
 
 @SCRIPTS
 def test_device_settings_forced_on_the_cpu(script):
-    device, amp, autocast, memory_format = models.device_settings(script.Args(device="cpu"))
+    device, amp, autocast, memory_format = run_support.device_settings(script.Args(device="cpu"))
     assert (device.type, amp, memory_format) == ("cpu", False, torch.contiguous_format)  # CPU defaults
     with autocast():
         assert not torch.is_autocast_enabled("cpu")
-    device, amp, autocast, memory_format = models.device_settings(
+    device, amp, autocast, memory_format = run_support.device_settings(
         script.Args(device="cpu", amp=True, channels_last=True))
     assert amp is True and memory_format == torch.channels_last
     conv = torch.nn.Conv2d(3, 4, 3)
@@ -118,9 +120,10 @@ def one_step(script, tmp_path, amp, strategy):
     train()'s epoch loop (training_step, backward, SGD step)."""
     args = script.resolve(tiny(script, tmp_path, amp=amp, channels_last=True, strategy=strategy,
                                augment="crop_flip", attack_steps=2))
-    models.check_args(args, script.METHOD_RANGES, script.check_method_args)
-    device, _, autocast, memory_format = models.device_settings(args)
-    models.seed_everything(args.seed, args.deterministic)
+    run_support.check_args(args, script.METHOD_RANGES)
+    script.check_method_args(args)
+    device, _, autocast, memory_format = run_support.device_settings(args)
+    run_support.seed_everything(args.seed, args.deterministic)
     model = script.build_network(args).to(device, memory_format=memory_format)
     update = script.UpdatePasses(model, args.strategy)
     loader = DeviceLoader(make_synthetic(10, (3, 16, 16), 40, seed=0, train=True), 20, device, augment="crop_flip",
@@ -205,13 +208,13 @@ def test_amp_channels_last_run_resumes_bitwise(tmp_path, script):
     script.train(tiny(script, tmp_path, run_name="a", **settings), **QUIET)
     with pytest.raises(Interrupt):
         script.train(tiny(script, tmp_path, run_name="b", **settings), log=interrupt)
-    middle = models.load_checkpoint(str(tmp_path / "b" / "last.pt"), script.METHOD)
+    middle = run_support.load_checkpoint(str(tmp_path / "b" / "last.pt"), script.METHOD)
     assert middle["epoch"] == 1 and len(middle["rng"]) == 1
     cpu_state, cuda_state = middle["rng"][0]
     assert cpu_state.dtype == torch.uint8 and cuda_state is None
     script.train(script.Args(resume=str(tmp_path / "b" / "last.pt"), device="cpu"), **QUIET)
-    a = models.load_checkpoint(str(tmp_path / "a" / "last.pt"), script.METHOD)
-    b = models.load_checkpoint(str(tmp_path / "b" / "last.pt"), script.METHOD)
+    a = run_support.load_checkpoint(str(tmp_path / "a" / "last.pt"), script.METHOD)
+    b = run_support.load_checkpoint(str(tmp_path / "b" / "last.pt"), script.METHOD)
     assert a["epoch"] == b["epoch"] == 2 and a["args"]["amp"] is True
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -223,23 +226,23 @@ def test_rng_states_and_restore_with_a_cuda_entry(tmp_path, monkeypatch, script)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state, device)))
     gpu = torch.device("cuda", 0)
-    states = models.rng_states(gpu)
+    states = run_support.rng_states(gpu)
     assert len(states) == 1 and torch.equal(states[0][0], torch.get_rng_state())
     assert torch.equal(states[0][1], cuda_state)
     # Through a checkpoint file, loaded as the scripts load it (weights_only=True).
-    models.save_checkpoint({"rng": states}, str(tmp_path / "c.pt"))
-    saved = models.read_torch_file(str(tmp_path / "c.pt"))["rng"]
+    run_support.save_checkpoint({"rng": states}, str(tmp_path / "c.pt"))
+    saved = run_support.read_torch_file(str(tmp_path / "c.pt"))["rng"]
     args = script.Args(seed=0)
     torch.manual_seed(123)
-    models.restore_rng(saved, 0, 1, gpu, args, 1, QUIET["log"])
+    run_support.restore_rng(saved, 0, 1, gpu, args, 1, QUIET["log"])
     assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu
     assert torch.equal(torch.get_rng_state(), states[0][0])
     # A GPU checkpoint resumed on the CPU: the CUDA entry is not used, the CPU stream is restored.
     torch.manual_seed(123)
-    models.restore_rng(saved, 0, 1, torch.device("cpu"), args, 1, QUIET["log"])
+    run_support.restore_rng(saved, 0, 1, torch.device("cpu"), args, 1, QUIET["log"])
     assert len(restored) == 1 and torch.equal(torch.get_rng_state(), states[0][0])
     # A CPU checkpoint (None) resumed on a GPU: nothing to set on the GPU.
-    models.restore_rng([(states[0][0], None)], 0, 1, gpu, args, 1, QUIET["log"])
+    run_support.restore_rng([(states[0][0], None)], 0, 1, gpu, args, 1, QUIET["log"])
     assert len(restored) == 1
 
 
@@ -269,8 +272,8 @@ def test_compiled_run_equals_the_eager_run(tmp_path, script, aot_eager):
     assert len(networks) == 1 and isinstance(networks[0], torch._dynamo.eval_frame.OptimizedModule)
     eager = script.train(dataclasses.replace(args, run_name="eager"), **QUIET)
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
-    a = models.load_checkpoint(str(tmp_path / "compiled" / "last.pt"), script.METHOD)["model"]
-    b = models.load_checkpoint(str(tmp_path / "eager" / "last.pt"), script.METHOD)["model"]
+    a = run_support.load_checkpoint(str(tmp_path / "compiled" / "last.pt"), script.METHOD)["model"]
+    b = run_support.load_checkpoint(str(tmp_path / "eager" / "last.pt"), script.METHOD)["model"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
 
 
@@ -285,9 +288,8 @@ def test_compiled_fsr_and_cifs_modules_match_eager(aot_eager):
         outputs = []
         for net in (module, torch.compile(module)):
             f = feature.clone().requires_grad_(True)
-            with cifs.cifs_labels(module, labels) if train else torch.enable_grad():
-                out, emitted = net(f)
-                loss = out.square().sum() + sum(v.square().sum() for v in emitted.values())
+            out, emitted = net(f, labels if train else None)
+            loss = out.square().sum() + sum(v.square().sum() for v in emitted.values())
             params = [p for p in module.parameters()]
             grads = torch.autograd.grad(loss, [f, *params], allow_unused=True)
             outputs.append((out.detach(), grads))
@@ -306,11 +308,11 @@ def test_cudnn_and_tf32_settings(monkeypatch, script):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    models.seed_everything(0, deterministic=False)
+    run_support.seed_everything(0, deterministic=False)
     assert torch.backends.cudnn.benchmark is True and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == tf32  # left at defaults
     try:
-        models.seed_everything(0, deterministic=True)
+        run_support.seed_everything(0, deterministic=True)
         assert torch.backends.cudnn.benchmark is False and torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
@@ -330,6 +332,6 @@ def test_benchmark_on_the_cpu_reports_no_peak_memory(variant):
 @SCRIPTS
 def test_device_cuda_is_refused_without_a_gpu(script):
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        models.check_device("cuda")
+        run_support.check_device("cuda")
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        models.check_device("cuda:1")
+        run_support.check_device("cuda:1")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from models import DATASETS, DatasetNotFoundError, DeviceLoader, ImageSplit, dataset_info, load_dataset, make_synthetic, split_validation
+from data import DATASETS, DatasetNotFoundError, DeviceLoader, ImageSplit, dataset_info, load_dataset, make_synthetic, split_validation
 
 
 def data_module():

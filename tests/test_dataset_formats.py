@@ -1,4 +1,4 @@
-"""The loaders of models.py on tiny fake datasets written in the exact on-disk formats of the real
+"""The loaders of data.py on tiny fake datasets written in the exact on-disk formats of the real
 ones, then one training step of fsr.py and cifs.py on each (issue 22: the first GPU run must not be
 the first read of these files).
 
@@ -40,8 +40,9 @@ import torch
 
 import cifs
 import fsr
-import models
-from models import DATASETS, DatasetNotFoundError, load_dataset
+import data
+import run_support
+from data import DATASETS, DatasetNotFoundError, load_dataset
 
 QUIET = dict(log=lambda *a: None)
 
@@ -338,7 +339,7 @@ def write_fmnist(folder, gz, n_train=20, n_test=10):
 @pytest.mark.parametrize("layout", ["root", "torchvision", "debian"])
 def test_fmnist_idx_files_in_every_supported_place(tmp_path, monkeypatch, layout, gz):
     root, system = tmp_path / "data", tmp_path / "usr-share-datasets-fashion-mnist"
-    monkeypatch.setattr(models, "FMNIST_SYSTEM_DIR", str(system))
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(system))
     folder = {"root": root, "torchvision": root / "FashionMNIST" / "raw", "debian": system}[layout]
     (train, labels), (test, test_labels) = write_fmnist(str(folder), gz)
     os.makedirs(root, exist_ok=True)
@@ -381,7 +382,7 @@ def test_one_training_epoch_of_each_script_on_each_format(tmp_path, no_md5, name
     metrics = script.train(args, **QUIET)
     assert metrics["epoch"] == 1 and np.isfinite(metrics["loss"])
     assert 0 <= metrics["monitor_robust"] <= metrics["monitor_clean"] <= 1
-    checkpoint = models.load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"), script.METHOD)
+    checkpoint = run_support.load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"), script.METHOD)
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["dataset"] == name
     info = DATASETS[name]
     # The network takes the dataset's images and has one output per class of the dataset.

@@ -1,6 +1,6 @@
 """Data-parallel training and sharded evaluation under torchrun, on the CPU with gloo and 2
 processes: identical weights on every process and a checkpoint from rank 0 only; with
-SyncBatchNorm and no attack random start, the 2-process run equals a 1-process run with the same
+global-batch BatchNorm (the worker's CPU stand-in for nn.SyncBatchNorm) and no attack random start, the 2-process run equals a 1-process run with the same
 global batch; resume under torchrun continues exactly; sharded evaluation equals one process."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cifs
-import models
+import run_support
 import evaluate
 import fsr
 
@@ -33,11 +33,13 @@ def torchrun(*command, processes=2):
     return done.stdout
 
 
-def train_under_torchrun(method, out, runs, run_name, *flags, stop=0):
-    """A run named run_name under runs, or with run_name None, `--resume` in flags."""
+def train_under_torchrun(method, out, runs, run_name, *flags, stop=0, sync_bn=False):
+    """A run named run_name under runs, or with run_name None, `--resume` in flags; sync_bn: global-batch
+    BatchNorm statistics (the worker's CPU stand-in for --sync-bn)."""
     os.makedirs(out, exist_ok=True)
     where = ("--runs-dir", str(runs), "--run-name", run_name) if run_name else ()
-    stdout = torchrun(WORKER, method, str(out), str(stop), "--", *TINY, *where, *flags)
+    stdout = torchrun(WORKER, method, str(out), str(stop), *(["cpu-sync-bn"] if sync_bn else []), "--", *TINY, *where,
+                      *flags)
     return stdout, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
@@ -72,7 +74,7 @@ def test_identical_weights_and_a_checkpoint_from_rank_zero_only(fsr_two_processe
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # written once per epoch: rank 0 alone
     assert stdout.count("epoch 2/2 |") == 1 and "2 processes x 16 images" in stdout
-    checkpoint = models.load_checkpoint(str(run / "last.pt"), "fsr")
+    checkpoint = run_support.load_checkpoint(str(run / "last.pt"), "fsr")
     assert_same(checkpoint["model"], rank0, rank0.keys())
     assert len(checkpoint["rng"]) == 2  # every process's random state, for an exact resume
     assert not torch.equal(checkpoint["rng"][0][0], checkpoint["rng"][1][0])  # attack noise differs per rank
@@ -83,12 +85,12 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(fsr_two_processes, tm
     train_under_torchrun("fsr", tmp_path / "weights", tmp_path / "runs", "b", "--strategy", "trades", "--epochs", "2",
                          stop=1)
     last = tmp_path / "runs" / "b" / "last.pt"
-    saved = models.load_checkpoint(str(last), "fsr")
+    saved = run_support.load_checkpoint(str(last), "fsr")
     assert saved["epoch"] == 1 and not torch.equal(saved["model"]["conv1.0.weight"], uninterrupted["conv1.0.weight"])
     stdout, (resumed, _) = train_under_torchrun("fsr", tmp_path / "resumed", None, None, "--resume", str(last))
     assert "resumed" in stdout
     assert_same(resumed, uninterrupted, uninterrupted.keys())  # bitwise, buffers included
-    assert_same(models.load_checkpoint(str(last), "fsr")["model"], uninterrupted, uninterrupted.keys())
+    assert_same(run_support.load_checkpoint(str(last), "fsr")["model"], uninterrupted, uninterrupted.keys())
 
 
 # Sign-gradient attacks amplify rounding: in one process, a 1e-7 relative change of the initial
@@ -101,13 +103,13 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(fsr_two_processes, tm
 ])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, method, flags):
     module = {"cifs": cifs, "fsr": fsr}[method]
-    flags = (*flags, "--no-random-start", "--sync-bn")
-    _, (rank0, rank1) = train_under_torchrun(method, tmp_path / "weights", tmp_path / "runs", "two", *flags)
+    flags = (*flags, "--no-random-start")
+    _, (rank0, rank1) = train_under_torchrun(method, tmp_path / "weights", tmp_path / "runs", "two", *flags, sync_bn=True)
     assert_same(rank0, rank1, rank0.keys())  # SyncBatchNorm: the running statistics agree too
-    args = models.parse_args(module.Args, [*TINY, "--runs-dir", str(tmp_path / "runs"), "--run-name", "one", *flags])
+    args = run_support.parse_args(module.Args, [*TINY, "--runs-dir", str(tmp_path / "runs"), "--run-name", "one", *flags])
     one = module.train(args, log=lambda *_: None)
-    single = models.load_checkpoint(str(tmp_path / "runs" / "one" / "last.pt"), module.METHOD)
-    two = models.load_checkpoint(str(tmp_path / "runs" / "two" / "last.pt"), module.METHOD)
+    single = run_support.load_checkpoint(str(tmp_path / "runs" / "one" / "last.pt"), module.METHOD)
+    two = run_support.load_checkpoint(str(tmp_path / "runs" / "two" / "last.pt"), module.METHOD)
     assert_same(single["model"], rank0, rank0.keys(), relative=1e-5)
     assert two["metrics"]["val_robust"] == one["val_robust"] and two["metrics"]["val_clean"] == one["val_clean"]
     assert two["metrics"]["monitor_robust"] == one["monitor_robust"]  # the monitored test images, sharded

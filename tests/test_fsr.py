@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 import attacks
 import fsr
-import models
-from models import count_flops, count_parameters
+import run_support
+from benchmarks.speed import count_flops
+from models import count_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *a: None)
@@ -419,7 +420,7 @@ def test_short_run_learns_and_writes_its_files(tmp_path, strategy, no_fsr):
     assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
     saved = json.loads((run / "args.json").read_text())
     assert (saved["strategy"], saved["no_fsr"], saved["model"]) == (strategy, no_fsr, "smallcnn")
-    checkpoint = models.load_checkpoint(str(run / "last.pt"), "fsr")
+    checkpoint = run_support.load_checkpoint(str(run / "last.pt"), "fsr")
     assert any(key.startswith("inserted.") for key in checkpoint["model"]) != no_fsr
 
 
@@ -459,10 +460,10 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     fsr.train(fsr.Args(run_name="a", **settings), **QUIET)
     with pytest.raises(Interrupt):
         fsr.train(fsr.Args(run_name="b", **settings), log=interrupt_after_epoch(2))
-    assert models.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")["epoch"] == 2
+    assert run_support.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")["epoch"] == 2
     fsr.train(fsr.Args(resume=str(tmp_path / "b" / "last.pt"), device="cpu"), **QUIET)
-    a = models.load_checkpoint(str(tmp_path / "a" / "last.pt"), "fsr")
-    b = models.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")
+    a = run_support.load_checkpoint(str(tmp_path / "a" / "last.pt"), "fsr")
+    b = run_support.load_checkpoint(str(tmp_path / "b" / "last.pt"), "fsr")
     assert a["epoch"] == b["epoch"] == 3
     assert state_dicts_equal(a["model"], b["model"])
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -473,7 +474,7 @@ def test_checkpoint_of_another_method_is_refused(tiny_run, tmp_path):
     checkpoint["method"] = "cifs"
     torch.save(checkpoint, tmp_path / "cifs.pt")
     with pytest.raises(fsr.CheckpointError, match="cifs"):
-        models.load_checkpoint(str(tmp_path / "cifs.pt"), "fsr")
+        run_support.load_checkpoint(str(tmp_path / "cifs.pt"), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(tmp_path / "cifs.pt")])
     assert str(exit_info.value.code).startswith("error:") and "cifs" in str(exit_info.value.code)
@@ -484,7 +485,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path
     truncated = tmp_path / "last.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(fsr.CheckpointError, match="truncated|unreadable"):
-        models.load_checkpoint(str(truncated), "fsr")
+        run_support.load_checkpoint(str(truncated), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(truncated)])
     assert str(exit_info.value.code).startswith("error:")
@@ -492,7 +493,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path
 
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
-        models.load_checkpoint(str(tmp_path / "nothing.pt"), "fsr")
+        run_support.load_checkpoint(str(tmp_path / "nothing.pt"), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(tmp_path / "nothing.pt")])
     assert str(exit_info.value.code).startswith("error:")
@@ -530,7 +531,7 @@ def test_new_run_in_a_folder_with_a_run_is_refused(tiny_run):
 # =============================================================================================
 
 def test_kebab_case_flags_map_to_fields():
-    args = models.parse_args(fsr.Args, ["--no-fsr", "--lambda-sep", "0.5", "--lambda-rec", "2", "--y-prime", "uniform",
+    args = run_support.parse_args(fsr.Args, ["--no-fsr", "--lambda-sep", "0.5", "--lambda-rec", "2", "--y-prime", "uniform",
                            "--attack-step-size", "0.01", "--synthetic-shape", "1,8,8", "--no-separation"])
     assert args.no_fsr and args.no_separation and not args.no_recalibration
     assert (args.lambda_sep, args.lambda_rec, args.y_prime) == (0.5, 2.0, "uniform")
@@ -538,16 +539,16 @@ def test_kebab_case_flags_map_to_fields():
 
 
 def test_fp32_by_default_and_amp_opt_in():
-    assert models.parse_args(fsr.Args, []).amp is False and fsr.device_settings(fsr.resolve(fsr.Args(device="cpu")))[1] is False
-    assert models.parse_args(fsr.Args, ["--amp"]).amp is True
+    assert run_support.parse_args(fsr.Args, []).amp is False and fsr.device_settings(fsr.resolve(fsr.Args(device="cpu")))[1] is False
+    assert run_support.parse_args(fsr.Args, ["--amp"]).amp is True
 
 
 def test_no_flags_give_the_dataclass_defaults():
-    assert models.parse_args(fsr.Args, []) == fsr.Args()
+    assert run_support.parse_args(fsr.Args, []) == fsr.Args()
 
 
 def test_cifar10_defaults():
-    args = fsr.resolve(models.parse_args(fsr.Args, []))
+    args = fsr.resolve(run_support.parse_args(fsr.Args, []))
     assert (args.model, args.epochs, args.lr, args.weight_decay, args.milestones) == ("resnet18", 100, 0.1, 5e-4, "74,89")
     assert (args.val_size, args.amp, args.random_start, args.positions) == (0, False, True, "layer4")
     assert (args.attack_steps, args.augment) == (10, "crop_flip")
@@ -556,23 +557,23 @@ def test_cifar10_defaults():
 
 
 def test_svhn_defaults():
-    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "svhn"]))
+    args = fsr.resolve(run_support.parse_args(fsr.Args, ["--dataset", "svhn"]))
     assert (args.lr, args.augment) == (0.01, "none")
     assert args.attack_step_size == pytest.approx(1 / 255)  # eps / 8
 
 
 def test_fmnist_defaults():
-    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "fmnist"]))
+    args = fsr.resolve(run_support.parse_args(fsr.Args, ["--dataset", "fmnist"]))
     assert (args.model, args.attack_steps) == ("resnet10", 20)
     assert args.epsilon == pytest.approx(0.3) and args.attack_step_size == pytest.approx(0.02)
 
 
 def test_vgg16_default_position_is_stage4():
-    assert fsr.resolve(models.parse_args(fsr.Args, ["--model", "vgg16"])).positions == "stage4"
+    assert fsr.resolve(run_support.parse_args(fsr.Args, ["--model", "vgg16"])).positions == "stage4"
 
 
 def test_explicit_flags_override_dataset_defaults():
-    args = fsr.resolve(models.parse_args(fsr.Args, ["--dataset", "svhn", "--model", "vgg16", "--lr", "0.05", "--epochs", "7",
+    args = fsr.resolve(run_support.parse_args(fsr.Args, ["--dataset", "svhn", "--model", "vgg16", "--lr", "0.05", "--epochs", "7",
                                        "--augment", "crop_flip", "--epsilon", "0.02", "--attack-step-size", "0.004",
                                        "--attack-steps", "3", "--milestones", "5", "--positions", "stage3"]))
     assert (args.model, args.lr, args.epochs, args.augment) == ("vgg16", 0.05, 7, "crop_flip")
@@ -581,7 +582,7 @@ def test_explicit_flags_override_dataset_defaults():
 
 
 def test_eps_relative_step_follows_an_explicit_epsilon():
-    assert fsr.resolve(models.parse_args(fsr.Args, ["--epsilon", "0.04"])).attack_step_size == pytest.approx(0.01)
+    assert fsr.resolve(run_support.parse_args(fsr.Args, ["--epsilon", "0.04"])).attack_step_size == pytest.approx(0.01)
 
 
 def official_fsr_learning_rate(epoch: int, lr: float = 0.1) -> float:

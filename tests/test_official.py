@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cifs
-import models
+import run_support
 import fsr
 
 WIDTHS = (64, 128, 256, 512)
@@ -304,7 +304,7 @@ def test_init_from_reads_an_official_checkpoint(tmp_path):
                          strategy="natural", lr=1e-30, momentum=0.0, weight_decay=0.0, monitor_size=0,
                          device="cpu", init_from=str(tmp_path / "ckp_latest.pt"), official_softmax_scale=2.0,
                          runs_dir=str(tmp_path), run_name="warm", log_interval=1e9), log=lines.append)
-    warm = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")["model"]
+    warm = run_support.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")["model"]
     assert torch.equal(warm["stem.0.weight"], state["conv1.weight"])
     assert torch.equal(warm["inserted.layer4_1.head.0.weight"], state["layer4.1.Probe.Probe.1.weight"])
     assert any(line.startswith("--init-from: read the checkpoint's 'state_dict' entry") for line in lines)
@@ -505,8 +505,8 @@ def test_a_scale_1_file_through_init_from_gives_the_official_logits(scale_1_file
         cifs.train(cifs.Args(**settings, run_name="refused"), log=lambda *_: None)
     assert not (tmp_path / "refused").exists()
     cifs.train(cifs.Args(**settings, run_name="warm", official_softmax_scale=1.0), log=lambda *_: None)
-    checkpoint = models.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
-    args = models.args_from_checkpoint(cifs.Args, checkpoint["args"], "last.pt", "cifs")
+    checkpoint = run_support.load_checkpoint(str(tmp_path / "warm" / "last.pt"), "cifs")
+    args = run_support.args_from_checkpoint(cifs.Args, checkpoint["args"], "last.pt", "cifs")
     assert args.softmax_scale == 1.0
     net = cifs.build_network(args)
     state = checkpoint["model"]
@@ -520,7 +520,7 @@ def test_a_scale_1_file_through_init_from_gives_the_official_logits(scale_1_file
 def test_official_softmax_scale_is_refused_without_init_from_or_outside_1_and_2():
     for overrides, expected in ((dict(), "add --init-from"), (dict(init_from="x.pt", official_softmax_scale=3.0), "1 (the released")):
         args = cifs.resolve(cifs.Args(**({"official_softmax_scale": 1.0} | overrides)))
-        assert expected in one_line_error(lambda: models.check_args(args, cifs.METHOD_RANGES, cifs.check_method_args))
+        assert expected in one_line_error(lambda: (run_support.check_args(args, cifs.METHOD_RANGES), cifs.check_method_args(args)))
 
 
 def test_evaluate_reads_the_official_cifs_vanilla_resnet18_and_labels_it(tmp_path):

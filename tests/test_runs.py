@@ -17,7 +17,8 @@ import torch
 import cifs
 import evaluate
 import fsr
-import models
+import data
+import run_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_WORKER = os.path.join(ROOT, "tests", "kill_worker.py")
@@ -82,6 +83,7 @@ BAD_TRAINING = [
     (["--monitor-size", "-5"], "--monitor-size"),
     (["--init-from", "nowhere.pt"], "--init-from"),
     (["--resume", "nowhere.pt", "--init-from", "nowhere.pt"], "--resume"),
+    (["--sync-bn"], "--sync-bn"),  # torch's nn.SyncBatchNorm needs CUDA
 ]
 BAD_FSR = [(["--tau", "0"], "--tau"), (["--lambda-sep", "-1"], "--lambda-sep"),
            (["--no-fsr", "--positions", "conv3"], "--positions")]
@@ -180,7 +182,7 @@ def kill_flags(runs, name):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     runs = tmp_path_factory.mktemp("kill")
-    fsr.train(models.parse_args(fsr.Args, kill_flags(runs, "whole")), log=lambda *_: None)
+    fsr.train(run_support.parse_args(fsr.Args, kill_flags(runs, "whole")), log=lambda *_: None)
     return runs
 
 
@@ -192,7 +194,7 @@ def test_sigkill_then_resume_loses_nothing(uninterrupted, when):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     run = runs / when
-    killed = models.load_checkpoint(str(run / "last.pt"), "fsr")
+    killed = run_support.load_checkpoint(str(run / "last.pt"), "fsr")
     assert killed["epoch"] == (1 if when == "during-save" else 2)
     if when == "during-save":
         assert any(".tmp" in name for name in os.listdir(run))  # the half-written file is still there
@@ -200,10 +202,10 @@ def test_sigkill_then_resume_loses_nothing(uninterrupted, when):
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
     lines = []
-    fsr.train(models.parse_args(fsr.Args, ["--resume", str(run / "last.pt"), "--device", "cpu"]), log=lines.append)
+    fsr.train(run_support.parse_args(fsr.Args, ["--resume", str(run / "last.pt"), "--device", "cpu"]), log=lines.append)
     assert not any(".tmp" in name for name in os.listdir(run))
     assert (when == "during-save") == any("interrupted save" in line for line in lines)
-    final, whole = models.load_checkpoint(str(run / "last.pt"), "fsr"), models.load_checkpoint(str(runs / "whole" / "last.pt"), "fsr")
+    final, whole = run_support.load_checkpoint(str(run / "last.pt"), "fsr"), run_support.load_checkpoint(str(runs / "whole" / "last.pt"), "fsr")
     assert final["epoch"] == 3
     for key, value in whole["model"].items():
         assert torch.equal(value, final["model"][key]), key
@@ -303,11 +305,11 @@ def test_train_size_is_a_seeded_class_balanced_subset(tmp_path):
     fsr.train(tiny(fsr, tmp_path, epochs=1, synthetic_size=400, train_size=60), log=lines.append)
     assert any("60 training images" in line for line in lines)
     assert json.loads((tmp_path / "run" / "args.json").read_text())["train_size"] == 60
-    labels = models.load_dataset("synthetic", synthetic_shape=(3, 16, 16), synthetic_size=400).labels
-    chosen = models.balanced_subset(labels, 60, 10, seed=0)
+    labels = data.load_dataset("synthetic", synthetic_shape=(3, 16, 16), synthetic_size=400).labels
+    chosen = data.balanced_subset(labels, 60, 10, seed=0)
     assert torch.bincount(labels[chosen], minlength=10).tolist() == [6] * 10
-    assert torch.equal(chosen, models.balanced_subset(labels, 60, 10, seed=0))
-    assert not torch.equal(chosen, models.balanced_subset(labels, 60, 10, seed=1))
+    assert torch.equal(chosen, data.balanced_subset(labels, 60, 10, seed=0))
+    assert not torch.equal(chosen, data.balanced_subset(labels, 60, 10, seed=1))
 
 
 def test_monitoring_is_on_the_test_set_and_never_picks_a_checkpoint(tmp_path):
@@ -334,7 +336,7 @@ def test_curves_png_holds_the_metrics_file(tmp_path):
     fsr.train(tiny(fsr, tmp_path), log=lambda *_: None)
     run = tmp_path / "run"
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = models.training_curves_figure([str(run), str(run)])
+    figure = run_support.training_curves_figure([str(run), str(run)])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses, accuracy, held_out = figure.axes
     plotted = {line.get_label(): list(line.get_ydata()) for line in losses.lines}

@@ -22,7 +22,8 @@ import cifs
 import fsr
 import models
 from benchmarks import speed
-from models import build_model, make_synthetic
+from models import build_model
+from data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *a: None)
@@ -239,7 +240,7 @@ def test_fast_path_counts_are_those_of_the_scripts_networks(tmp_path):
     for script, variant in ((fsr, "fsr"), (cifs, "cifs"), (fsr, "plain")):
         network = script.build_network(script.resolve(speed.script_args(script, args, **speed.script_of(variant)[1])))
         ours = speed.time_variants(args, [variant], **QUIET)[variant]
-        assert ours["forward_gflops"] == pytest.approx(models.count_flops(network, (3, 8, 8)) / 1e9)
+        assert ours["forward_gflops"] == pytest.approx(speed.count_flops(network, (3, 8, 8)) / 1e9)
         assert ours["parameters"] == models.count_parameters(network)
         assert ours["images_per_second"] > 0
     assert models.count_parameters(build_model("smallcnn", 10, (3, 8, 8))) == \

@@ -1,0 +1,708 @@
+"""Run support: the machinery around the training loops of fsr.py and cifs.py, which a reader of
+the methods may skip (CleanRL keeps the same kind of code apart from its single-file scripts, in
+cleanrl_utils). Nothing here is about a method or about adversarial robustness: settings from the
+command line with one-line errors, the table of range checks, device, precision and seeds, atomic
+writes, checkpoints and resume, random-number state, the run folder with its lock and metrics log,
+torchrun helpers, the progress line and the training-curve figure. evaluate.py and
+benchmarks/speed.py use the same pieces. It never receives a method file's function: the method
+files call these pieces in order."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import attacks
+from data import DeviceLoader, ImageSplit, balanced_subset, dataset_info, load_dataset, split_validation, subset
+from models import count_parameters
+
+# =============================================================================================
+# Part 3. Run support: the machinery around the training loops of fsr.py and cifs.py
+# =============================================================================================
+#
+# Nothing here is about a method or about adversarial robustness: settings from the command line
+# with one-line errors, the table of range checks, device, precision and seeds, atomic writes,
+# checkpoints and resume, random-number state, the run folder with its lock and metrics log,
+# torchrun helpers, the progress line and the training-curve figure. (CleanRL keeps the same kind
+# of code apart from its single-file scripts, in cleanrl_utils.) evaluate.py and
+# benchmarks/speed.py use the same pieces.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, written by another method or by
+    another version of the code, or with weights that do not fit the network."""
+
+
+def arg(default, help: str, type=None, choices=None, positional: bool = False):
+    """A dataclass field that carries its command-line help (one line per flag)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "positional": positional})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: weight_decay -> --weight-decay."""
+    return "--" + name.replace("_", "-")
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, without the usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
+def parse_args(args_class, argv=None, description: str = ""):
+    """args_class (a dataclass of `arg` fields) from the command line: kebab-case flags, one help line
+    each, booleans as switches (--x where the default is False, else --x/--no-x; None: "decided later"). A
+    default is shown only where it is a value (a default that depends on the dataset is described
+    in the help). A `positional` field takes one or more values."""
+    parser = OneLineErrors(description=description)
+    for f in dataclasses.fields(args_class):
+        meta = f.metadata
+        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="+", help=meta["help"])
+        elif f.default is False:
+            parser.add_argument(flag(f.name), action="store_true", help=meta["help"])
+        elif meta["type"] is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            parser.add_argument(flag(f.name), type=meta["type"] or type(f.default), default=f.default,
+                                choices=meta["choices"], help=meta["help"] + shown)
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+def int_list(name: str, text: str, length: int | None = None, increasing: bool = False) -> list[int]:
+    """A comma-separated list of positive integers, or a one-line error that names the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (length and len(values) != length) or \
+            (increasing and values != sorted(set(values))):
+        what = f"{length} positive integers" if length else "positive integers"
+        raise ValueError(f"{flag(name)} {text!r} is malformed: give {what} separated by commas"
+                         + (", in increasing order" if increasing else "") + ", e.g. "
+                         + ("3,32,32" if length == 3 else "75,90"))
+    return values
+
+
+# Range rules: (test, what a value must be). RANGES holds the settings both scripts have; each
+# method file adds its own table. Unset values (None) are skipped.
+AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
+POSITIVE = (lambda v: v > 0, "must be positive")
+NON_NEGATIVE = (lambda v: v >= 0, "must not be negative")
+RANGES = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_steps": AT_LEAST_1,
+    "epsilon": (lambda v: 0 < v <= 1, f"is not in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, not 8)"),
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "trades_beta": NON_NEGATIVE,
+    "mart_beta": NON_NEGATIVE, "fat_omega": NON_NEGATIVE, "log_interval": NON_NEGATIVE,
+    "monitor_size": (lambda v: v >= 0, "must not be negative (0: no monitoring)"),
+}
+# ... and those of the training attack, which only an adversarial strategy uses.
+ATTACK_RANGES = {"attack_steps": AT_LEAST_1, "attack_step_size": (lambda v: v > 0, "must be positive (e.g. eps/4)")}
+
+
+def check_args(args, method_ranges: dict) -> None:
+    """Refuse, before any work, every setting that would fail later or silently train something
+    else, in one line that names the flag and the fix. `args` are resolved (no None left where a
+    default exists). Range rules come from the tables (both scripts' and `method_ranges`); the
+    cross-field rules of both scripts follow (a method file checks its own after this)."""
+    ranges = {**RANGES, **(ATTACK_RANGES if args.strategy != "natural" else {}), **method_ranges}
+    for name, (test, requirement) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not test(value):
+            raise ValueError(f"{flag(name)} {value} {requirement}")
+    if args.strategy in ("trades", "mart") and args.random_start is False:
+        raise ValueError(f"--no-random-start with --strategy {args.strategy}: its attack starts from "
+                         "x + 0.001 N; from x itself TRADES cannot move (its KL gradient is zero there) and the run "
+                         "would be natural training under another name. Drop --no-random-start")
+    int_list("milestones", args.milestones, increasing=True)
+    if args.dataset != "synthetic":
+        for name in ("synthetic_shape", "synthetic_size"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{flag(name)} applies only to --dataset synthetic")
+    elif args.synthetic_shape:
+        int_list("synthetic_shape", args.synthetic_shape, length=3)
+    if args.synthetic_size is not None and args.synthetic_size < 20:
+        raise ValueError(f"--synthetic-size {args.synthetic_size} is too small: give at least 20 images")
+    available = training_images(args)
+    if args.train_size is not None and not 10 <= args.train_size <= available:
+        raise ValueError(f"--train-size {args.train_size} must be between 10 and the {available} training "
+                         f"images of {args.dataset}")
+    kept = min(args.train_size or available, available)
+    if not 0 <= args.val_size < kept:
+        raise ValueError(f"--val-size {args.val_size} must be at least 0 and below the {kept} training images "
+                         f"(0: train on all of them, as both papers)")
+    check_device(args.device)
+    if args.sync_bn and pick_device(args.device).type != "cuda":
+        raise ValueError("--sync-bn synchronises BatchNorm over the GPUs of a torchrun run (torch's nn.SyncBatchNorm "
+                         "needs CUDA): drop it on the CPU")
+
+
+def training_images(args) -> int:
+    """Images in the dataset's training split (synthetic: --synthetic-size or 5,000)."""
+    if args.dataset == "synthetic":
+        return args.synthetic_size or 5000
+    return dataset_info(args.dataset).train_size
+
+
+def input_shape(args) -> tuple[int, int, int]:
+    """(C, H, W) of the run's images: the dataset's, or --synthetic-shape for synthetic data."""
+    if args.dataset == "synthetic" and args.synthetic_shape:
+        return tuple(int(v) for v in args.synthetic_shape.split(","))
+    return dataset_info(args.dataset).shape
+
+
+def check_device(name: str | None) -> None:
+    """--device must name a device this machine has."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_writable(folder: str, flag_name: str = "--runs-dir") -> None:
+    """`folder` (or the nearest folder above it that exists) must be a writable folder."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag_name}: cannot write {folder} ({existing} is not a writable folder)")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """The one place seeds are set (weights, data order, augmentation, attack noise)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Attack noise (random starts) differs across processes: rank r > 0 continues from its own
+    seed; rank 0 keeps the stream of a single-process run."""
+    if rank > 0:
+        torch.manual_seed(seed + 1_000_003 * rank)
+
+
+def learning_rate(args, epoch: int) -> float:
+    """Step schedule, 10x lower after each milestone, as torch.optim.lr_scheduler.MultiStepLR
+    stepped once per epoch: a milestone m is the number of epochs run at the higher rate, so
+    0-indexed `epoch` runs at lr * 0.1 ** (number of milestones <= epoch)."""
+    return args.lr * 0.1 ** sum(epoch >= m for m in int_list("milestones", args.milestones))
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device, or cuda when there is a GPU; under torchrun a bare "cuda" is this process's GPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
+    return device
+
+
+def set_tf32(allowed: bool, device: torch.device | str = "cuda") -> str:
+    """Apply the fp32 choice and return what fp32 means on `device`, for logs and result files.
+
+    PyTorch runs fp32 convolutions on Ampere and Hopper GPUs in TF32 by default
+    (torch.backends.cudnn.allow_tf32 is True; matmuls follow torch.backends.cuda.matmul.allow_tf32,
+    False by default), as the official codes do on the same GPU. allowed=False (--strict-fp32) turns
+    TF32 off for both; allowed=True restores PyTorch's defaults. The flags are process-wide torch
+    settings (the function sets them, it keeps no state of its own). On the CPU TF32 does not exist."""
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "fp32 (TF32 convolutions allowed)" if allowed else "strict fp32"
+
+
+def device_settings(args):
+    """(device, amp, autocast factory, memory format). fp32 unless --amp (both official codes train
+    in fp32; bf16 is opt-in until a measurement shows it changes no reported number), with TF32
+    convolutions on GPUs that have them unless --strict-fp32 (set_tf32); channels_last on CUDA (the
+    same arithmetic in another memory layout)."""
+    device = pick_device(args.device)
+    set_tf32(not args.strict_fp32, device)  # TF32 convolutions on Ampere/Hopper unless --strict-fp32
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    return device, args.amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomic: write a temporary file next to the target, then rename over it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
+def read_torch_file(path: str, what: str = "checkpoint"):
+    """torch.load(path) on the CPU (tensors and plain containers only), or one line saying why not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{what} {path!r} is unreadable (truncated or not a checkpoint): "
+                              f"{str(error).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    """Load a checkpoint written by `method`.py (fsr or cifs), or explain precisely why not."""
+    checkpoint = read_torch_file(path)
+    if not is_checkpoint(checkpoint):
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
+    if checkpoint["method"] != method:
+        raise CheckpointError(f"{path!r} is a {checkpoint['method']} checkpoint; "
+                              f"resume it with {checkpoint['method']}.py (evaluate.py reads both)")
+    return checkpoint
+
+
+def args_from_checkpoint(args_class, saved: dict, path: str, method: str):
+    """The settings (an args_class) a checkpoint was written with; a checkpoint of another version
+    of the code (settings this version does not know, or lacks) is refused in one line naming them."""
+    known = {f.name for f in dataclasses.fields(args_class)}
+    unknown, missing = sorted(set(saved) - known), sorted(known - set(saved))
+    if unknown or missing:
+        raise CheckpointError(f"{path!r} was written by another version of {method}.py: "
+                              + "; ".join(part for part in (
+                                  f"settings unknown here: {', '.join(unknown)}" if unknown else "",
+                                  f"settings it lacks: {', '.join(missing)}" if missing else "") if part))
+    return args_class(**saved)
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """model.load_state_dict(state), or one line that says which keys differ."""
+    ours = model.state_dict()
+    missing = [key for key in ours if key not in state]
+    unknown = [key for key in state if key not in ours]
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(ours[key].shape)}" for key in ours
+              if key in state and state[key].shape != ours[key].shape]
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    problems = [f"{what}: {some(keys)}" for what, keys in (("missing", missing), ("unexpected", unknown),
+                                                           ("other shape", shapes)) if keys]
+    if problems:
+        inserted = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("FSR", "CIFS")})
+        raise CheckpointError(f"the weights of {source} do not fit this network ({type(model).__name__} with "
+                              f"{', '.join(inserted) or 'no inserted module'}): " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+# Settings that may change when a run is resumed: they change neither the network nor the recipe
+# of the epochs already run (a longer --epochs extends the run; FAT's tau schedule scales with it).
+RESUMABLE = ("epochs", "device", "log_interval", "eval_every", "data_root", "compile", "channels_last",
+             "deterministic")
+
+
+def resumed_settings(args, checkpoint: dict, log):
+    """The run's own settings, with the resumable flags the user changed applied and announced;
+    any other changed flag is refused. A flag counts as given when it differs from its default."""
+    args_class = type(args)
+    saved = args_from_checkpoint(args_class, checkpoint["args"], args.resume, checkpoint["method"])
+    defaults = args_class()
+    changed = [f.name for f in dataclasses.fields(args_class) if f.name != "resume"
+               and getattr(args, f.name) != getattr(defaults, f.name)
+               and getattr(args, f.name) != getattr(saved, f.name)]
+    refused = [name for name in changed if name not in RESUMABLE]
+    if refused:
+        raise ValueError(f"{', '.join(flag(name) for name in refused)}: a resumed run keeps the settings it was "
+                         f"started with (only {', '.join(flag(name) for name in RESUMABLE)} may change); "
+                         f"start a new run (--init-from {args.resume} for its weights) to change them")
+    if "epochs" in changed and args.epochs < checkpoint["epoch"]:
+        raise ValueError(f"--epochs {args.epochs}: {args.resume} has already run {checkpoint['epoch']} epochs")
+    for name in changed:
+        log(f"resume: {flag(name)} {getattr(saved, name)} -> {getattr(args, name)}")
+    return dataclasses.replace(saved, resume=args.resume, **{name: getattr(args, name) for name in changed})
+
+
+def resume_checkpoint(args, method: str) -> dict | None:
+    """The checkpoint --resume names (None for a new run), read and checked before any work."""
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} does not exist")
+    return load_checkpoint(args.resume, method) if args.resume else None
+
+
+def run_directory(args, method: str, checkpoint: dict | None) -> str:
+    """The run folder: that of the resumed checkpoint, or --runs-dir/--run-name (default: named after
+    the settings); checked writable. Nothing is written here."""
+    variant = f"no{method}" if getattr(args, f"no_{method}") else method
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else os.path.join(
+        args.runs_dir, args.run_name or f"{method}_{args.dataset}_{args.model}_{args.strategy}_{variant}_seed{args.seed}")
+    check_writable(run_dir)
+    return run_dir
+
+
+def is_checkpoint(loaded) -> bool:
+    """Whether what read_torch_file returned is a checkpoint of fsr.py or cifs.py (else: an official file)."""
+    return isinstance(loaded, dict) and "method" in loaded and "args" in loaded
+
+
+# ---- torchrun (DistributedDataParallel) ---------------------------------------------------------
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this process joins the group: NCCL when
+    `device` is a GPU, gloo on the CPU. A plain `python fsr.py` gets (0, 1) and no group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group(args):
+    """(rank, world size) inside torchrun's process group, if any, left on exit."""
+    try:
+        yield init_distributed(pick_device(args.device))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the processes of a data-parallel run (the tensor itself in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def shard(split: ImageSplit, rank: int, world_size: int) -> ImageSplit:
+    """This process's contiguous share of an evaluation split (shares differ by at most one image)."""
+    begin, end = len(split) * rank // world_size, len(split) * (rank + 1) // world_size
+    return dataclasses.replace(split, images=split.images[begin:end], labels=split.labels[begin:end])
+
+
+def data_parallel(update: nn.Module, device) -> nn.Module:
+    """DDP around the update passes, without DDP's per-forward buffer broadcast (broadcast_buffers
+    below runs after each step instead). Recent torch renamed that switch forward_sync_buffers."""
+    from torch.nn.parallel import DistributedDataParallel
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return DistributedDataParallel(update, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics to every process, after each update (one broadcast per dtype):
+    the next attack and the validation then see the same network everywhere. (DDP's own buffer
+    broadcast, turned off here, would happen only at its next forward, after the attack.)"""
+    buffers = list(model.buffers())
+    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # the same order in every process
+        group = [buffer for buffer in buffers if buffer.dtype == dtype]
+        flat = torch.cat([buffer.reshape(-1) for buffer in group])
+        dist.broadcast(flat, 0)
+        for buffer, value in zip(group, flat.split([buffer.numel() for buffer in group])):
+            buffer.copy_(value.view_as(buffer))
+
+
+def rng_states(device) -> list:
+    """[(cpu state, cuda state or None)] of every process, in rank order (for exact resumption)."""
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [(cpu.cpu(), None if cuda is None else cuda.cpu()) for cpu, cuda in states]
+
+
+def restore_rng(saved: list, rank: int, world_size: int, device, args, start_epoch: int, log) -> None:
+    """Each process continues its own random stream; with another process count, fresh seeded
+    streams (valid, but not bitwise an uninterrupted run), said."""
+    if len(saved) == world_size:
+        rng_cpu, rng_cuda = saved[rank]
+        torch.set_rng_state(rng_cpu)
+        if device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, device)
+        return
+    torch.manual_seed(args.seed + 1_000_003 * rank + start_epoch)
+    log(f"note: {args.resume} was written by {len(saved)} process(es), this run has {world_size}: "
+        f"the attack noise is re-seeded")
+
+
+# ---- data and monitoring ----------------------------------------------------------------------
+
+MONITOR_SEED = 0  # the monitored test images are the same for every run (comparable curves)
+
+
+def data_loaders(args, device, memory_format, rank: int, world_size: int, log):
+    """(training loader, {"val" / "monitor": loader}, description). The training split lives on the
+    device as uint8 and is augmented there (DeviceLoader); under torchrun every process holds it and
+    takes its share of each global batch. --train-size keeps a seeded class-balanced subset;
+    --val-size holds out images of it for best.pt; --monitor-size takes a fixed class-balanced
+    subset of the test split (monitoring only). Held-out splits are sharded over the processes."""
+    shape = input_shape(args)
+    log(f"loading {args.dataset} from {args.data_root} ...")
+    train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
+                               synthetic_size=args.synthetic_size, seed=args.seed)
+    if args.train_size is not None:
+        train_split = subset(train_split, balanced_subset(train_split.labels, args.train_size,
+                                                          train_split.num_classes, args.seed))
+    train_split, val_split = split_validation(train_split, args.val_size, seed=args.seed)
+    monitor_split = None
+    if args.monitor_size:
+        test_split = load_dataset(args.dataset, args.data_root, train=False, synthetic_shape=shape, seed=args.seed)
+        monitor_split = subset(test_split, balanced_subset(test_split.labels, args.monitor_size,
+                                                           test_split.num_classes, MONITOR_SEED))
+    train_loader = DeviceLoader(train_split, args.batch_size, device, shuffle=True, augment=args.augment,
+                                padding=dataset_info(args.dataset).padding or 4,  # crop_flip forced on any dataset
+                                seed=args.seed, channels_last=memory_format == torch.channels_last,
+                                rank=rank, world_size=world_size)
+    held_out = {name: DeviceLoader(shard(split, rank, world_size), 500, device, shuffle=False)
+                for name, split in (("val", val_split), ("monitor", monitor_split)) if split is not None}
+    description = (f"{len(train_split)} training images"
+                   + (f", {len(val_split)} held out for best.pt" if val_split else "")
+                   + (f", {len(monitor_split)} test images monitored" if monitor_split else ""))
+    return train_loader, held_out, description
+
+
+@torch.no_grad()
+def _count_correct(model, x, y):
+    return (model(x)[0].argmax(1) == y).sum()
+
+
+def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
+    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol)
+    in fp32; under torchrun each process takes its share and the counts are summed, which gives
+    the single-process figures."""
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
+    for x, y in loader.epoch(0):
+        x_adv = attacks.pgd(model, x, y, args.epsilon, args.epsilon / 10, args.eval_steps, random_start_kind=None)
+        counts[0] += _count_correct(model, x, y)
+        counts[1] += _count_correct(model, x_adv, y)
+        counts[2] += len(y)
+    clean, robust, total = all_reduce_sum(counts).tolist()
+    return clean / max(total, 1), robust / max(total, 1)
+
+
+# ---- the run folder ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str, args, resumed: bool, history: list, log):
+    """The run folder for the run's life: created, locked against a second run (a lock left by a
+    killed run is taken over, saying so), cleared of the temporary files of interrupted saves,
+    with args.json and a metrics.jsonl that holds exactly the epochs of the checkpoint resumed."""
+    if not resumed and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
+                              f"or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.path.join(run_dir, "run.lock")
+    take_lock(lock, log)
+    try:
+        for name in os.listdir(run_dir):
+            if ".tmp" in name:  # an interrupted save (save_checkpoint, write_text_atomically)
+                os.remove(os.path.join(run_dir, name))
+                log(f"removed {name}, left by an interrupted save")
+        write_text_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
+        write_metrics(run_dir, history)
+        yield
+    finally:
+        os.remove(lock)
+
+
+def take_lock(path: str, log) -> None:
+    """Create the lock file holding this host and process id; if a live process holds it, refuse."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as file:
+                host, _, pid = file.read().strip().partition(" ")
+            if host != socket.gethostname() or process_alive(int(pid or 0)):
+                raise FileExistsError(f"{os.path.dirname(path)} is in use by process {pid} on {host}: wait for it, "
+                                      f"or pass another --run-name (if that process is gone, delete {path})")
+            log(f"note: taking over the lock of process {pid}, which is no longer running")
+            os.remove(path)
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(me)
+        return
+    raise FileExistsError(f"could not take the lock {path}")
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def write_metrics(run_dir: str, history: list) -> None:
+    """metrics.jsonl, one line per completed epoch, rewritten whole from the checkpoint's history
+    (atomically), so that a kill between the checkpoint and the log line loses nothing."""
+    write_text_atomically(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history))
+
+
+# ---- progress and summaries -------------------------------------------------------------------
+
+LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class EpochProgress:
+    """The running figures of one training epoch: loss sums and correct predictions kept on the
+    device (no sync per step), a progress line with the epoch's and the run's ETA from the first
+    seconds on (then every --log-interval seconds), and the epoch's metrics, summed over the
+    processes of a torchrun run (global-batch figures, equal to one process's)."""
+
+    def __init__(self, args, epoch: int, steps: int, world_size: int, log):
+        self.args, self.epoch, self.steps, self.world_size, self.log = args, epoch, steps, world_size, log
+        self.started = time.time()
+        self.next_print = self.started + min(5.0, args.log_interval)
+        self.sums, self.correct, self.seen, self.done = {}, 0, 0, 0
+
+    def update(self, losses: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach() * len(y)
+        self.correct, self.seen, self.done = self.correct + (logits.argmax(1) == y).sum(), self.seen + len(y), self.done + 1
+        now = time.time()
+        if now >= self.next_print and self.done < self.steps:
+            self.next_print = now + self.args.log_interval
+            per_step = (now - self.started) / self.done
+            epoch_left = per_step * (self.steps - self.done)
+            run_left = epoch_left + (self.args.epochs - self.epoch - 1) * per_step * self.steps
+            self.log(f"  epoch {self.epoch + 1}/{self.args.epochs} step {self.done}/{self.steps} | loss "
+                     f"{float(self.sums['loss']) / self.seen:.4f} | {self.world_size * self.seen / (now - self.started):.0f}"
+                     f" img/s | epoch ETA {format_seconds(epoch_left)} | run ETA {format_seconds(run_left)}")
+
+    def metrics(self, lr: float) -> dict:
+        device = self.correct.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - self.started
+        totals = all_reduce_sum(torch.stack([*(self.sums[name].float() for name in self.sums), self.correct.float(),
+                                             torch.tensor(float(self.seen), device=device)])).tolist()
+        seen = totals[-1]
+        return {"epoch": self.epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(self.sums, totals)},
+                "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+
+
+def epoch_summary(metrics: dict, args, history: list, train_accuracy_note: str) -> str:
+    """The console line of an epoch: losses, accuracies (each labelled for what it measures), ETA."""
+    seconds = [m["epoch_seconds"] for m in history]
+    eta = (args.epochs - metrics["epoch"]) * sum(seconds) / len(seconds)
+    losses = " ".join(f"{name} {metrics[name]:.4f}" for name in metrics if name in LOSS_NAMES)
+    held_out = "".join(f" | {label} clean {metrics[f'{name}_clean']:.2%} pgd{args.eval_steps} (step eps/10) "
+                       f"{metrics[f'{name}_robust']:.2%}"
+                       for name, label in (("val", "held-out"), ("monitor", "test (monitoring only)"))
+                       if f"{name}_robust" in metrics)
+    return (f"epoch {metrics['epoch']}/{args.epochs} | lr {metrics['lr']:.4g} | {losses} | "
+            f"train acc {metrics['train_accuracy']:.2%} ({train_accuracy_note}){held_out} | "
+            f"{metrics['images_per_second']:.0f} img/s | {metrics['epoch_seconds']:.1f} s | ETA {format_seconds(eta)}")
+
+
+def run_banner(method: str, args, model: nn.Module, device, data: str, run_dir: str, world_size: int) -> str:
+    """The first line of a run: what is trained on what, where, how."""
+    precision = "bf16 autocast" if args.amp else "fp32" if device.type != "cuda" else \
+        "strict fp32" if args.strict_fp32 else "fp32 (TF32 convolutions allowed)"  # see set_tf32
+    return (f"{method}: {args.model} on {args.dataset} ({data}), strategy {args.strategy}, "
+            f"{count_parameters(model) / 1e6:.2f} M params, device {device}, {precision}, run {run_dir}"
+            + (f", {world_size} processes x {args.batch_size // world_size} images"
+               f"{' (SyncBatchNorm)' if args.sync_bn else ''}" if world_size > 1 else ""))
+
+
+# ---- training curves --------------------------------------------------------------------------
+
+
+def draw_curves(run_dir: str, log) -> None:
+    """curves.png of the run; a drawing failure is reported, never fatal to the run."""
+    try:
+        plot_training_curves([run_dir], os.path.join(run_dir, "curves.png"))
+    except Exception as error:  # noqa: BLE001 (a plot must not end a training run)
+        log(f"note: curves.png not drawn: {error}")
+
+
+def plot_training_curves(run_dirs: list, path: str) -> bool:
+    """training_curves_figure as a PNG; False, drawing nothing, without matplotlib."""
+    figure = training_curves_figure(run_dirs)
+    if figure is not None:
+        figure.savefig(path, dpi=90)
+    return figure is not None
+
+
+def training_curves_figure(run_dirs: list):
+    """Each run's metrics.jsonl against epochs: losses, training accuracy, and the held-out /
+    monitored clean and PGD accuracy; several runs are overlaid (one colour each). None when
+    matplotlib is not installed (it is never required)."""
+    try:
+        from matplotlib.figure import Figure  # the object-oriented API: no pyplot state, no display
+    except ImportError:
+        return None
+    figure = Figure(figsize=(15, 4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for index, run_dir in enumerate(run_dirs):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+            lines = [json.loads(line) for line in file if line.strip()]
+        colour, label = f"C{index}", os.path.basename(os.path.normpath(run_dir))
+        epochs = [m["epoch"] for m in lines]
+        for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
+            axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
+        axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
+        for style, name in (("-", "monitor"), ("--", "val")):
+            for marker, kind in (("o", "clean"), ("x", "robust")):
+                points = [(m["epoch"], 100 * m[f"{name}_{kind}"]) for m in lines if f"{name}_{kind}" in m]
+                if points:
+                    axes[2].plot(*zip(*points), style, marker=marker, color=colour, label=f"{label}: {name} {kind}")
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="losses")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="training accuracy")
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (o) and PGD (x) accuracy")
+    figure.suptitle("training accuracy: training batches in train mode (FSR: Gumbel-noise masks; CIFS: masks from "
+                    "the true label's logit). monitor (solid): fixed test images, monitoring only; val (dashed): "
+                    "held-out training images (best.pt)", fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="x-small")
+    return figure
