@@ -64,10 +64,11 @@ import attacks
 from cifs import CIFS, OFFICIAL_SOFTMAX_SCALES
 from fsr import FSR
 from fsr import pool as fsr_pool
+from progress import plot_training_curves
 from data import DATASETS, balanced_subset, dataset_info, load_dataset
 from models import MODELS
 from run_support import (CheckpointError, arg, args_from_checkpoint, check_writable, init_distributed, load_weights,
-                         pick_device, plot_training_curves, read_torch_file, set_tf32, write_text_atomically)
+                         pick_device, read_torch_file, set_tf32, write_text_atomically)
 from run_support import parse_args as parse_args_of
 
 METHODS = ("fsr", "cifs")
