@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +37,11 @@ import attacks
 from data import DATASETS, dataset_info
 from models import MODELS, Network, build_model, official_to_ours
 from progress import EpochProgress, draw_curves, epoch_summary, run_banner
-from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, arg, broadcast_buffers, check_args,
-                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, input_shape,
-                         is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
-                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_directory,
-                         run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, RESUME_HELP, CheckpointError, arg, broadcast_buffers,
+                         check_args, clean_and_robust_accuracy, console, data_loaders, data_parallel, device_settings,
+                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args,
+                         process_group, read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states,
+                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "cifs"
 
@@ -96,7 +95,7 @@ class Args:
     eval_every: int = arg(5, "epochs between the monitoring / held-out evaluations (and at the end)")
     eval_steps: int = arg(20, "PGD steps of those evaluations (step eps/10, no random start, fp32)")
     # --- data, device, speed -------------------------------------------------------------------
-    data_root: str = arg("data", "dataset folder")
+    data_root: str = arg(None, "dataset folder (default: data; for fmnist also Debian's copy, see docs/data.md)", str)
     synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
     synthetic_shape: str = arg(None, "C,H,W of the synthetic dataset (default 3,32,32)", str)
     seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
@@ -111,8 +110,7 @@ class Args:
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
-    resume: str = arg(None, "continue from this last.pt with its own settings (--epochs, --device, --log-interval, "
-                      "--eval-every may change)", str)
+    resume: str = arg(None, RESUME_HELP, str)
     init_from: str = arg(None, "start from the weights of a cifs.py checkpoint or of a state dict saved by the "
                          "official ResNet-18 script (the authors' warm start)", str)
     official_softmax_scale: float = arg(None, "with --init-from an official file: the mask scale it was trained with "
@@ -559,7 +557,7 @@ def initial_weights(args: Args, log) -> dict:
     """--init-from's weights: a checkpoint of this method (the network must fit) or an official state dict."""
     raw = read_torch_file(args.init_from, "--init-from")
     if is_checkpoint(raw):
-        return load_checkpoint(args.init_from, METHOD)["model"]
+        return load_checkpoint(args.init_from, METHOD, "--init-from")["model"]
     state, notes = official_state_dict(raw, args)
     for note in notes:
         log(f"--init-from: {note}")
@@ -645,10 +643,8 @@ def train(args: Args, log=print) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(Args, argv, __doc__.split("\n\n")[0])
-    try:
+    with console():  # one-line errors; Ctrl-C and SIGTERM end the run cleanly; line-buffered stdout
         train(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
-        sys.exit(f"error: {error}")
 
 
 # ---- end shared block ------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from data import DATASETS, balanced_subset, dataset_info, load_dataset
 from fsr import FSR, pool as fsr_pool
 from models import MODELS
 from progress import plot_training_curves
-from run_support import (AT_LEAST_1, NON_NEGATIVE, RANGES, CheckpointError, arg, args_from_checkpoint, check_writable, flag,
-                         init_distributed, load_weights, parse_args, pick_device, read_torch_file, set_tf32,
-                         write_text_atomically)
+from run_support import (AT_LEAST_1, NON_NEGATIVE, RANGES, SEED, CheckpointError, RunStopped, arg,
+                         args_from_checkpoint, check_device, check_finite, check_writable, flag, init_distributed,
+                         load_weights, parse_args, pick_device, read_torch_file, set_tf32, write_text_atomically)
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -51,7 +51,7 @@ COLUMN_TITLES = {**TITLES, "autoattack": "AutoAttack", "autoattack-cifs": "AutoA
                  **{f"{n}-tm": f"{TITLES[n]} (through mask)" for n in WHITE_BOX},
                  **{f"{n}-worst": f"Worst-case {TITLES[n]}" for n in (*WHITE_BOX, "ensemble")},
                  "ti-fgsm": "TI-FGSM", "ti-i-fgsm": "TI-I-FGSM", "di-fgsm": "DI-FGSM", "nattack": "NAttack"}
-# FSR Table 5: what each FSR module passes on instead of f~ ("full", FSR.output), in the table's order.
+# FSR Table 5: what each FSR module passes on instead of f~ ("full"; see fsr_output), in the table's order.
 FSR_OUTPUTS = ("robust", "non_robust", "recalibrated", "full")
 FEATURE_NAMES = {"input": "f", "robust": "f+", "non_robust": "f-", "recalibrated": "f~-", "full": "f~",
                  "penultimate": "penultimate"}
@@ -106,7 +106,7 @@ class Args:
     autoattack_cifs_examples: int = arg(2000, "test images of --autoattack-cifs (class-balanced, --subset-seed)")
     epsilon: float = arg(None, "L-inf budget in image units (default: the dataset's)", float)
     batch_size: int = arg(500, "evaluation batch size")
-    data_root: str = arg("data", "dataset folder")
+    data_root: str = arg(None, "dataset folder (default: data; for fmnist also Debian's copy, see docs/data.md)", str)
     device: str = arg(None, "cuda | cpu (default: cuda if available)", str)
     seed: int = arg(0, "seed of random starts and AutoAttack")
     out: str = arg(None, "output folder (default: <first checkpoint's folder>/eval)", str)
@@ -162,11 +162,15 @@ RULES = {
     "di_prob": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (the DI paper: 0.5)"),
     **dict.fromkeys(("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps", "batch_size",
                      "nattack_examples", "nattack_queries", "nattack_population", "nattack_batch_size"), AT_LEAST_1),
+    **dict.fromkeys(("seed", "subset_seed", "nattack_seed"), SEED),
 }
 
 
 def check_args(args: Args) -> None:
     """Refuse settings of the attacks above before any work, naming the flag and the fix."""
+    check_finite(args)
+    if " " in args.attacks:
+        raise ValueError(f"--attacks {args.attacks!r}: no spaces around the commas (--attacks {args.attacks.replace(' ', '')})")
     for name, (test, requirement) in RULES.items():
         value = getattr(args, name)
         if value is not None and not test(value):
@@ -180,6 +184,7 @@ def check_args(args: Args) -> None:
         raise ValueError("--aa-attacks goes with --aa-version custom (and custom needs --aa-attacks)")
     if (args.ti_iterative or args.di_shrink) and not args.transfer_source:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
+    check_device(args.device)
 
 
 # ==== Rebuilding a model from what its checkpoint records ========================================
@@ -939,6 +944,16 @@ def seed_summary(results: list, members: list) -> dict:
             "std": {c: statistics.stdev(v) for c, v in values.items()}, "std_kind": "sample (n - 1)"}
 
 
+def other_checkpoint(result: str, path: str) -> str | None:
+    """The checkpoint whose result `result` (a JSON) holds, when that is another file than `path` (else None)."""
+    try:
+        with open(result) as file:
+            other = json.load(file)["checkpoint"]
+        return None if os.path.samefile(other, path) else other
+    except (OSError, ValueError, KeyError, TypeError):  # no such result, or its checkpoint is gone
+        return None
+
+
 def run_folder(path: str) -> str:
     """The folder of a checkpoint (its run name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
@@ -1141,6 +1156,8 @@ def draw_curves(args: Args, log=print) -> str:
 
 def main(argv=None) -> list:
     args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a redirected stdout as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         check_args(args)
         if args.curves:
@@ -1151,6 +1168,11 @@ def main(argv=None) -> list:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
         names = result_names(args.checkpoints)
         existing = [f"{name}.json" for name in names if os.path.exists(os.path.join(out, f"{name}.json"))]
+        others = [f"{name}.json (of {other})" for name, path in zip(names, args.checkpoints)
+                  if (other := other_checkpoint(os.path.join(out, f"{name}.json"), path))]
+        if others and not args.overwrite:  # another run whose folder has the same name: --overwrite would lose its result
+            raise FileExistsError(f"{out} already holds {', '.join(others)}, the result of another checkpoint from a run "
+                                  f"folder of the same name: pass another --out (--overwrite would replace it)")
         if existing and not args.overwrite:  # never replace an earlier result of the same checkpoint
             raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
                                   f"to replace {'it' if len(existing) == 1 else 'them'}")
@@ -1164,7 +1186,7 @@ def main(argv=None) -> list:
             if rank == 0:  # written as soon as it is done: a later failure loses nothing finished
                 os.makedirs(out, exist_ok=True)
                 write_result(results[-1], out, name, log)
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (CheckpointError, RunStopped, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():

@@ -44,7 +44,7 @@ import cifs  # noqa: E402
 import fsr  # noqa: E402
 from data import DeviceLoader, ImageSplit, dataset_info, make_synthetic  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
-from run_support import (arg, broadcast_buffers, check_args, clean_and_robust_accuracy, data_parallel,  # noqa: E402
+from run_support import (arg, broadcast_buffers, check_args, check_finite, clean_and_robust_accuracy, data_parallel,  # noqa: E402
                          device_settings, input_shape, parse_args as parse_args_of, pick_device, process_group,
                          seed_everything)
 
@@ -104,7 +104,7 @@ class Args:
     acc_synthetic_shape: str = arg(None, "C,H,W of a synthetic accuracy check (default 3,32,32)", str)
     acc_val_size: int = arg(1000, "held-out images on which the accuracies are measured")
     acc_seeds: str = arg("0,1", "seeds; each trains once in fp32 and once on the fast path (2 runs per seed)")
-    data_root: str = arg("data", "dataset folder (real datasets of the accuracy check)")
+    data_root: str = arg(None, "dataset folder of a real accuracy-check dataset (default: data, see docs/data.md)", str)
     # --- output ----------------------------------------------------------------------------------
     out: str = arg("runs/benchmark/speed.json", "JSON file with every figure, the environment and the command")
 
@@ -116,6 +116,7 @@ def parse_args(argv=None) -> Args:
 # === Settings shared by every variant =========================================================
 def resolve(args: Args) -> Args:
     """Fill the None settings from the dataset (shape, train size, eps, step eps/4) and the device."""
+    check_finite(args)
     info = dataset_info(args.dataset)
     epsilon = args.epsilon if args.epsilon is not None else info.epsilon
     resolved = dataclasses.replace(

