@@ -236,7 +236,7 @@ class CIFS(nn.Module):
     forward(z, labels=None) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
       p = probe(z), the raw probe logits on the non-detached z (their CE, Eq. 3, trains probe and backbone);
       m = IMGF(g), g = dS/du: the gradient of S (the batch sum of the selected probe logits, see
-        `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2). So the
+        `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2; in closed form, see `relevance`). So the
         backbone gets d(z*m)/dz = m and input-gradient attacks see a constant mask; in train mode the
         gradient keeps its graph (create_graph): the probe also learns through the mask.
     Train mode needs the true labels, passed as in the official `forward(x, y=None)` (`model(x, y)`);
@@ -252,33 +252,33 @@ class CIFS(nn.Module):
         self.head = make_probe_head(channels, num_classes, probe, hidden)
         self.probe, self.mask_fn, self.softmax_scale, self.top_k = probe, mask_fn, softmax_scale, top_k
         # evaluate.py's "(through mask)" columns (default for CIFS models; --no-through-mask: off; not in
-        # either paper): the relevance is taken on u itself with create_graph, so gradients flow through m.
+        # either paper): the relevance is taken on u itself with its graph, so gradients flow through m.
         self.differentiable_mask = False
 
     def extra_repr(self) -> str:
         return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
 
-    # Runs eagerly inside a --compile network: train mode backpropagates through g (create_graph), a
-    # double backward that torch.compile's AOTAutograd does not support (tests/test_cuda_paths.py).
-    @torch.compiler.disable
-    def relevance(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
-        # enable_grad: the relevance is itself a gradient, needed even under torch.no_grad().
-        with torch.enable_grad():
-            if self.differentiable_mask and u.requires_grad:  # the mask stays on the input's graph
-                u_detached, create_graph = u, True
-            else:
-                u_detached, create_graph = u.detach().requires_grad_(True), self.training
-            q = self.head(u_detached)
-            classes = select_classes(q.detach(), self.top_k, labels)  # indices: no gradient
-            score = q.gather(1, classes).sum()
-            (g,) = torch.autograd.grad(score, u_detached, create_graph=create_graph)
-        return g
-
-    def channel_mask(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The channel mask m (B x C) for z, in z's dtype."""
-        g = self.relevance(global_average_pool(z), labels)
-        return relevance_mask(g, self.mask_fn, self.softmax_scale).to(z.dtype)
+    def relevance(self, u: torch.Tensor, classes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """CIFS Eq. 2, g = dS/du (B x C), in closed form: S = sum_i sum_{c in classes_i} q_ic (a class
+        selected twice counts twice), so by the chain rule through the probe
+          linear, q = W u + b:                   g = sum_c W[c], the selected rows of W;
+          MLP, q = W2 softplus_5(h) + b2, h = W1 u + b1 (`hidden`):
+                                                 g = W1^T (softplus_5'(h) * sum_c W2[c]),
+        softplus_5'(h) = sigmoid(5 h), exactly 1 above torch's threshold 5 h > 20 (its own backward op).
+        The official code takes this gradient with torch.autograd.grad; the closed form is the same
+        function (tested to match it, gradients included) without a nested autograd call, so it compiles.
+        Its graph, as the official create_graph: train mode, on the detached u with the graph to the
+        probe's parameters (the probe also learns through the mask; the backbone sees a constant mask);
+        eval mode, a constant; through the mask (evaluate.py), on u itself with graph."""
+        through = self.differentiable_mask and u.requires_grad
+        g = F.embedding(classes, self.head[-1].weight).sum(1)  # = W[classes].sum(1): dS/d(probe input of W)
+        if self.probe == "mlp":
+            if self.training and not through:  # h on the detached u: no mask gradient into the backbone
+                hidden = self.head[0](u.detach())
+            softplus = self.head[1]
+            g = torch.ops.aten.softplus_backward(g.to(hidden.dtype), hidden, softplus.beta, softplus.threshold)
+            g = g @ self.head[0].weight
+        return g if self.training or through else g.detach()
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if self.training and labels is None:
@@ -286,8 +286,11 @@ class CIFS(nn.Module):
                              "model(x, y), or model.eval() for top-k masks")
         if self.training and labels.shape != (z.shape[0],):
             raise ValueError(f"CIFS labels have shape {tuple(labels.shape)}, expected ({z.shape[0]},)")
-        p = self.head(global_average_pool(z))
-        m = self.channel_mask(z, labels if self.training else None)
+        u = global_average_pool(z)  # once: the probe's input and the point where Eq. 2 differentiates
+        hidden = self.head[0](u) if self.probe == "mlp" else None
+        p = self.head[2](self.head[1](hidden)) if self.probe == "mlp" else self.head(u)
+        classes = select_classes(p.detach(), self.top_k, labels if self.training else None)  # indices: no gradient
+        m = relevance_mask(self.relevance(u, classes, hidden), self.mask_fn, self.softmax_scale).to(z.dtype)
         return z * m[:, :, None, None], {"probe": p}
 
 
