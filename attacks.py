@@ -131,7 +131,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> tor
     Maximising it pushes the true logit below the best other one by up to kappa."""
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).amax(1)
+    other = logits.scatter(1, y[:, None], -torch.inf).amax(1)
     return -(true - other + kappa).clamp(min=0.0)
 
 

@@ -216,7 +216,7 @@ def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) ->
     softmax: softmax_scale * softmax over channels (see SOFTMAX_SCALE); sigmoid: sigmoid(10 g);
     softplus: softplus_{beta=5}(g) (appendix A's CIFS-sigmoid and CIFS-softplus: in the authors'
     repository only as compiled modules, models/nets/__pycache__/resnet_CSAFR_top2_*.pyc)."""
-    g = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least (float64 stays: gradient checks)
+    g = g if g.dtype == torch.float64 else g.float()  # fp32 at least (float64 stays: gradient checks)
     if mask_fn == "softmax":
         return softmax_scale * F.softmax(g, dim=1)
     if mask_fn == "sigmoid":
@@ -404,7 +404,8 @@ def joint_attack_loss(beta: float = 2.0):
         logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
         loss = F.cross_entropy(logits.float(), y, reduction="none")
         if emitted:
-            probe_sum = sum(F.cross_entropy(e["probe"].float(), y, reduction="none") for e in emitted)
+            first, *rest = (F.cross_entropy(e["probe"].float(), y, reduction="none") for e in emitted)
+            probe_sum = sum(rest, first)  # (sum() from 0 would add one op)
             loss = loss + (beta / len(emitted)) * probe_sum
         return loss
     return loss_fn
@@ -425,7 +426,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
     BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
     probs_adv = F.softmax(logits_adv.float(), 1)
     probs_clean = F.softmax(logits_clean.float(), 1)
-    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    wrong = probs_adv.scatter(1, y[:, None], -1.0).amax(1)  # max_{k != y}: a scatter, no one_hot host sync
     boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
     kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
     true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)

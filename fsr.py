@@ -203,9 +203,9 @@ class FSR(nn.Module):
 
     def forward(self, feature: torch.Tensor, labels: torch.Tensor | None = None):
         if self.separation is not None:
-            mask = self.mask(self.separation(feature))  # m+ = m (robust), m- = 1 - m
+            mask = self.mask(self.separation(feature)).to(feature.dtype)  # m+ = m (robust), m- = 1 - m; as f under autocast
         else:  # "w/o Separation" (Table 6): m = 0, every activation is recalibrated
-            mask = torch.zeros_like(feature, dtype=torch.float32)
+            mask = torch.zeros_like(feature)
         robust, inverse = mask * feature, 1 - mask  # f+ = m+ (x) f (§3.1); m- = 1 - m, computed once
         non_robust, heads = inverse * feature, {"mask": mask}  # f- = m- (x) f
         if self.separation is not None:
@@ -280,7 +280,7 @@ def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
 
 def top_wrong_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y' of Eq. 3: the highest-scoring wrong class of the final logits (an index, no gradient)."""
-    return logits.detach().masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).argmax(1)
+    return logits.detach().scatter(1, y[:, None], -torch.inf).argmax(1)  # (one_hot would sync with the host)
 
 
 def non_robust_loss(logits: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor, kind: str) -> torch.Tensor:
@@ -335,7 +335,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
     BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
     probs_adv = F.softmax(logits_adv.float(), 1)
     probs_clean = F.softmax(logits_clean.float(), 1)
-    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    wrong = probs_adv.scatter(1, y[:, None], -1.0).amax(1)  # max_{k != y}: a scatter, no one_hot host sync
     boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
     kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
     true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)
