@@ -1,6 +1,10 @@
-"""Datasets and loaders of cifs.py, fsr.py and evaluate.py: the table of dataset facts, the
-readers of the five benchmarks and of a learnable synthetic stand-in, and `DeviceLoader`, which keeps
-a split on the device as uint8 and augments there. Plumbing: a reader of the methods may skip it."""
+"""Datasets and loaders of cifs.py, fsr.py and evaluate.py: the table of dataset facts, the readers of
+the five benchmarks and of a learnable synthetic stand-in, and `DeviceLoader`, which keeps a split on the
+device as uint8 and augments there. Plumbing: a reader of the methods may skip it.
+
+Every split is stored as uint8 N x C x H x W on the CPU (4x smaller than float32, exactly what the
+files hold) and turned into float32 in [0, 1] per batch. No mean/std normalisation anywhere (as in both
+official codes)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import gzip
 import math
 import os
 import struct
-import tempfile
 import urllib.error
 import warnings
 from dataclasses import dataclass
@@ -17,16 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-
-# =============================================================================
-# Data: dataset facts, loaders for the five benchmarks + a synthetic stand-in,
-# and a device-resident batch iterator with on-device augmentation.
-#
-# Everything is stored as uint8 N x C x H x W on the CPU (4x smaller than
-# float32, exactly what the files contain) and only turned into float32 in
-# [0, 1] per batch. No mean/std normalisation anywhere (as in both official codes).
-# =============================================================================
-
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -39,19 +32,16 @@ class DatasetInfo:
     train_size: int  # images in the full training split (for epoch-time estimates)
 
 
-# The ONE table of per-dataset facts (FSR §4.1, CIFS appendices B-D). Everything else (model
-# input shape, default epsilon, default augmentation) should read from here.
+# The one table of per-dataset facts (FSR §4.1, CIFS appendices B-D): shapes, default eps and augmentation.
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
-    # A decision of ours: no augmentation for SVHN, as FSR's train.py (the CIFS code crops +
-    # flips); crop_flip stays available through the loader's `augment` flag.
+    # A decision of ours: no augmentation for SVHN, as FSR's train.py (the CIFS code crops + flips).
     "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0, 73_257),
     # Nothing is published for Tiny ImageNet's augmentation; we use the CIFAR recipe.
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4, 100_000),
     "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0, 60_000),
-    # Offline stand-in for tests and demos; the shape can be overridden in load_dataset.
-    # No flips: a mirrored grating has another orientation, i.e. looks like another class.
+    # Offline stand-in for tests and demos (any shape). No flips: a mirrored grating is another class.
     "synthetic": DatasetInfo("synthetic", 10, (3, 32, 32), 8 / 255, "none", 0, 5_000),
 }
 
@@ -68,8 +58,7 @@ class ImageSplit:
     labels: torch.Tensor  # int64, N
     num_classes: int
 
-    def __post_init__(self):
-        # Fail here, at construction, rather than deep inside a training loop.
+    def __post_init__(self):  # fail here rather than deep inside a training loop
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"images must be uint8 NxCxHxW, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.images),):
@@ -80,99 +69,64 @@ class ImageSplit:
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files are not on disk and could not be downloaded. The message
-    says which files are expected where, and where to get them."""
+    """The files are not on disk and could not be downloaded; the message says which, where, and whence."""
 
 
-# ---------------------------------------------------------------------------
-# torchvision datasets: cifar10, cifar100, svhn
-# ---------------------------------------------------------------------------
+# ---- cifar10, cifar100, svhn: torchvision's classes -----------------------------------------
 
-# name -> (torchvision class name, what must exist under root, official URL)
-_TORCHVISION_FILES = {
-    "cifar10": ("CIFAR10", "<root>/cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
+# name -> (torchvision class, the files under root it reads for the (train, test) split, official URL)
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", ([f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/batches.meta"],
+                            ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"]),
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "<root>/cifar-100-python/ (train, test, meta)",
+    "cifar100": ("CIFAR100", (["cifar-100-python/train", "cifar-100-python/meta"],
+                              ["cifar-100-python/test", "cifar-100-python/meta"]),
                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-    "svhn": ("SVHN", "<root>/train_32x32.mat and <root>/test_32x32.mat",
+    "svhn": ("SVHN", (["train_32x32.mat"], ["test_32x32.mat"]),
              "http://ufldl.stanford.edu/housenumbers/train_32x32.mat and .../test_32x32.mat"),
 }
 
 
-def _torchvision_files(name: str, train: bool) -> list:
-    """The files under root that torchvision reads (and checks) for one split."""
-    if name == "svhn":
-        return ["train_32x32.mat" if train else "test_32x32.mat"]
-    if name == "cifar10":
-        return [os.path.join("cifar-10-batches-py", f) for f in
-                (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")]
-    return [os.path.join("cifar-100-python", f) for f in ("train", "test", "meta")]
-
-
-def _has_scipy() -> bool:
-    try:
-        import scipy.io  # noqa: F401  (torchvision's SVHN reads .mat files with it)
-        return True
-    except ImportError:
-        return False
-
-
-def _not_found(name: str, root: str, expected: str, url: str, extra: str = "") -> DatasetNotFoundError:
-    return DatasetNotFoundError(
-        f"dataset {name!r} not found under root {root!r} and not downloadable "
-        f"(offline, or download=False). Expected: {expected.replace('<root>', root)}. "
-        f"Get it from {url} and unpack it into {root!r}.{extra}")
-
-
 def _load_torchvision(name: str, root: str, train: bool, download: bool) -> ImageSplit:
-    cls_name, expected, url = _TORCHVISION_FILES[name]
-    if name == "svhn" and not _has_scipy():
-        # Fail before a 240 MB download that could not be read anyway.
-        raise ImportError("SVHN is stored as .mat files, which torchvision reads with scipy; "
-                          "scipy is not a project dependency: `pip install scipy` to use svhn. "
-                          f"Files expected: {expected.replace('<root>', root)}, from {url}.")
-    cls = getattr(torchvision.datasets, cls_name)
+    cls_name, files, url = _TORCHVISION[name]
+    files = [os.path.join(root, f) for f in files[0 if train else 1]]
+    if name == "svhn":
+        try:
+            import scipy.io  # noqa: F401  (torchvision's SVHN reads .mat files with it)
+        except ImportError:  # fail before a 240 MB download that could not be read anyway
+            raise ImportError(f"SVHN is stored as .mat files, which torchvision reads with scipy; scipy is not a "
+                              f"project dependency: `pip install scipy` to use svhn. Files expected: "
+                              f"{', '.join(files)}, from {url}.") from None
     kwargs = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
     try:
-        ds = cls(root, download=download, **kwargs)
-    except (RuntimeError, OSError, urllib.error.URLError) as e:
-        # torchvision says "Dataset not found or corrupted" or raises a network
-        # error; neither tells the user where to put which files.
-        if all(os.path.isfile(os.path.join(root, f)) for f in _torchvision_files(name, train)):
-            # All there: torchvision refused them on its MD5 check. "Not found" would send the
-            # user looking for files that are in place (tests/test_dataset_formats.py).
-            raise DatasetNotFoundError(
-                f"dataset {name!r}: the files are under root {root!r} ({expected.replace('<root>', root)}) but "
-                f"fail torchvision's MD5 check (an incomplete or altered download?): delete them and get them "
-                f"again from {url}") from e
-        raise _not_found(name, root, expected, url) from e
-    if name == "svhn":
-        images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already N x 3 x 32 x 32
-        labels = torch.as_tensor(ds.labels, dtype=torch.int64)  # torchvision maps digit '10' to 0
-    else:
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    return ImageSplit(images, labels, DATASETS[name].num_classes)
+        ds = getattr(torchvision.datasets, cls_name)(root, download=download, **kwargs)
+    except (RuntimeError, OSError, urllib.error.URLError) as e:  # torchvision's message names no file
+        if all(os.path.isfile(f) for f in files):  # all there: torchvision's MD5 check refused them
+            raise DatasetNotFoundError(f"dataset {name!r}: the files are under root {root!r} ({', '.join(files)}) "
+                                       f"but fail torchvision's MD5 check (an incomplete or altered download?): "
+                                       f"delete them and get them again from {url}") from e
+        raise DatasetNotFoundError(f"dataset {name!r} not found under root {root!r} and not downloadable (offline, "
+                                   f"or download=False). Expected: {', '.join(files)}. Get it from {url} and unpack "
+                                   f"it into {root!r}.") from e
+    if name == "svhn":  # already N x 3 x 32 x 32; torchvision maps digit '10' to 0
+        return ImageSplit(torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels), 10)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return ImageSplit(images, torch.as_tensor(ds.targets, dtype=torch.int64), DATASETS[name].num_classes)
 
 
-# ---------------------------------------------------------------------------
-# Fashion-MNIST: idx files read by hand (offline Debian package first)
-# ---------------------------------------------------------------------------
+# ---- Fashion-MNIST: idx files read here (the offline Debian package first) --------------------
 
-# Debian's `dataset-fashion-mnist` installs the four idx .gz files here.
-FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's `dataset-fashion-mnist`: four idx .gz files
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-
 # idx type codes (http://yann.lecun.com/exdb/mnist/, bottom of the page); data is big-endian.
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Parse an idx file (optionally gzipped): 2 zero bytes, a type code, the number
-    of dims, then one big-endian uint32 per dim, then the data."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """An idx file (optionally gzipped): 2 zero bytes, a type code, the number of dims, one big-endian
+    uint32 per dim, then the data."""
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; truncated gzip -> EOFError
         raise ValueError(f"malformed idx file {path!r}: cannot read it ({e})") from e
@@ -183,48 +137,36 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim:
         raise ValueError(f"malformed idx file {path!r}: truncated header")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    body = raw[4 + 4 * ndim:]
-    if len(body) != math.prod(dims) * dtype.itemsize:
-        raise ValueError(f"malformed idx file {path!r}: header says shape {dims} "
-                         f"({math.prod(dims) * dtype.itemsize} bytes) but {len(body)} bytes follow")
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+    if len(raw) - 4 - 4 * ndim != math.prod(dims) * dtype.itemsize:
+        raise ValueError(f"malformed idx file {path!r}: header says shape {dims} ({math.prod(dims) * dtype.itemsize} "
+                         f"bytes) but {len(raw) - 4 - 4 * ndim} bytes follow")
+    return np.frombuffer(raw[4 + 4 * ndim:], dtype=dtype).reshape(dims)
 
 
-def _find_idx_pair(folder: str, prefix: str):
-    """(images, labels) paths for `prefix` ('train' / 't10k') in `folder`, raw or .gz, else None."""
-    found = []
-    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-        hits = [os.path.join(folder, stem + ext) for ext in ("", ".gz")
-                if os.path.isfile(os.path.join(folder, stem + ext))]
-        if not hits:
-            return None
-        found.append(hits[0])
-    return tuple(found)
-
-
-def _fmnist_from_idx(images_path: str, labels_path: str) -> ImageSplit:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or labels.dtype != np.uint8 or labels.ndim != 1:
-        raise ValueError(f"malformed Fashion-MNIST idx files {images_path!r} / {labels_path!r}: "
-                         f"expected uint8 N x 28 x 28 images and N labels, got {images.shape} / {labels.shape}")
-    if len(images) != len(labels) or (len(labels) and labels.max() >= 10):
-        raise ValueError(f"Fashion-MNIST idx files {images_path!r} / {labels_path!r} disagree: "
-                         f"{len(images)} images, {len(labels)} labels, max label {labels.max(initial=0)}")
-    # np.frombuffer views are read-only; copy into writable, owned tensors.
-    return ImageSplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
+def _idx_file(folder: str, stem: str) -> str | None:
+    return next((os.path.join(folder, stem + ext) for ext in ("", ".gz")
+                 if os.path.isfile(os.path.join(folder, stem + ext))), None)
 
 
 def _load_fmnist(root: str, train: bool, download: bool) -> ImageSplit:
     prefix = "train" if train else "t10k"
     folders = [root, os.path.join(root, "FashionMNIST", "raw"), FMNIST_SYSTEM_DIR]
     for folder in folders:
-        pair = _find_idx_pair(folder, prefix)
-        if pair is not None:
-            return _fmnist_from_idx(*pair)
-    msg = (f"Fashion-MNIST {prefix} idx files ({prefix}-images-idx3-ubyte, {prefix}-labels-idx1-ubyte, "
-           f"raw or .gz) not found in any of: {', '.join(folders)}. Offline: `apt-get install "
-           f"dataset-fashion-mnist` (installs them in {FMNIST_SYSTEM_DIR}), or copy them from "
-           f"{FMNIST_URL} into {root!r}.")
+        paths = [_idx_file(folder, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        if None in paths:
+            continue
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.dtype != np.uint8 or images.ndim != 3 or labels.dtype != np.uint8 or labels.ndim != 1:
+            raise ValueError(f"malformed Fashion-MNIST idx files {paths[0]!r} / {paths[1]!r}: expected uint8 "
+                             f"N x 28 x 28 images and N labels, got {images.shape} / {labels.shape}")
+        if len(images) != len(labels) or (len(labels) and labels.max() >= 10):
+            raise ValueError(f"Fashion-MNIST idx files {paths[0]!r} / {paths[1]!r} disagree: {len(images)} images, "
+                             f"{len(labels)} labels, max label {labels.max(initial=0)}")
+        # np.frombuffer views are read-only: copy into writable, owned tensors
+        return ImageSplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
+    msg = (f"Fashion-MNIST {prefix} idx files ({prefix}-images-idx3-ubyte, {prefix}-labels-idx1-ubyte, raw or .gz) "
+           f"not found in any of: {', '.join(folders)}. Offline: `apt-get install dataset-fashion-mnist` (installs "
+           f"them in {FMNIST_SYSTEM_DIR}), or copy them from {FMNIST_URL} into {root!r}.")
     if not download:
         raise DatasetNotFoundError(msg + " (download=False)")
     try:  # torchvision downloads into <root>/FashionMNIST/raw/, which we search next time
@@ -234,65 +176,15 @@ def _load_fmnist(root: str, train: bool, download: bool) -> ImageSplit:
     return ImageSplit(ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), 10)
 
 
-# ---------------------------------------------------------------------------
-# Tiny ImageNet: the standard tiny-imagenet-200 folder, decoded once and cached
-# ---------------------------------------------------------------------------
+# ---- Tiny ImageNet: the standard tiny-imagenet-200 folder, decoded once and cached --------------
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def _tinyimagenet_files(base: str, train: bool, wnids: list) -> tuple[list, list]:
-    """(jpeg paths, labels). Class index = position of the wnid in sorted(wnids),
-    the same order torchvision's ImageFolder gives on train/, so labels agree with
-    code that uses it. The val/ split is used as the test split (the official
-    test/ images have no labels)."""
-    index = {w: i for i, w in enumerate(wnids)}
-    paths, labels = [], []
-    if train:
-        for w in wnids:
-            folder = os.path.join(base, "train", w, "images")
-            names = sorted(n for n in os.listdir(folder) if n.endswith(".JPEG"))
-            paths += [os.path.join(folder, n) for n in names]
-            labels += [index[w]] * len(names)
-    else:
-        # val_annotations.txt: "<file>\t<wnid>\t<x0>\t<y0>\t<x1>\t<y1>" per line.
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            rows = sorted(line.split("\t")[:2] for line in f if line.strip())
-        for name, w in rows:
-            paths.append(os.path.join(base, "val", "images", name))
-            labels.append(index[w])
-    return paths, labels
-
-
-def _decode_tinyimagenet(paths: list, shape: tuple) -> torch.Tensor:
-    # Preallocate: 100k images are 1.2 GB as uint8; a list + stack would double that.
-    images = torch.empty((len(paths), *shape), dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        # mode=RGB: a few Tiny ImageNet images are grayscale; expand them to 3 channels.
-        img = torchvision.io.decode_image(torchvision.io.read_file(p), mode=torchvision.io.ImageReadMode.RGB)
-        if tuple(img.shape) != shape:
-            raise ValueError(f"{p!r} has shape {tuple(img.shape)}, expected {shape} (Tiny ImageNet is 64x64)")
-        images[i] = img
-    return images
-
-
-def _atomic_save(obj, path: str):
-    # Write to a temp file in the same folder, then rename: a crash (or a parallel
-    # run) never leaves a half-written cache that a later load would trust.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_tinyimagenet(root: str, train: bool) -> ImageSplit:
+    """Class index = position of the wnid in sorted(wnids), the order torchvision's ImageFolder gives on
+    train/, so labels agree with code that uses it. val/ is the test split (test/ has no labels)."""
     base = os.path.join(root, "tiny-imagenet-200")
-    split = "train" if train else "val"
     if not os.path.isfile(os.path.join(base, "wnids.txt")):
         raise DatasetNotFoundError(
             f"dataset 'tinyimagenet' not found: expected the folder {base}/ with wnids.txt, "
@@ -300,24 +192,38 @@ def _load_tinyimagenet(root: str, train: bool) -> ImageSplit:
             f"torchvision and is never downloaded automatically: get {TINYIMAGENET_URL} and unzip it into {root!r}.")
     with open(os.path.join(base, "wnids.txt")) as f:
         wnids = sorted(line.strip() for line in f if line.strip())
-    cache = os.path.join(base, f"{split}_uint8.pt")
+    cache = os.path.join(base, f"{'train' if train else 'val'}_uint8.pt")
     if os.path.isfile(cache):
         data = torch.load(cache, map_location="cpu", weights_only=True)
         if data["wnids"] == wnids:  # a changed wnids.txt invalidates the label order
             return ImageSplit(data["images"], data["labels"], len(wnids))
-    paths, labels = _tinyimagenet_files(base, train, wnids)
-    images = _decode_tinyimagenet(paths, DATASETS["tinyimagenet"].shape)
-    labels = torch.tensor(labels, dtype=torch.int64)
-    try:
-        _atomic_save({"images": images, "labels": labels, "wnids": wnids}, cache)
+    if train:
+        rows = [(os.path.join(base, "train", w, "images", n), w) for w in wnids
+                for n in sorted(os.listdir(os.path.join(base, "train", w, "images"))) if n.endswith(".JPEG")]
+    else:  # val_annotations.txt: "<file>\t<wnid>\t<x0>\t<y0>\t<x1>\t<y1>" per line
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            rows = [(os.path.join(base, "val", "images", name), w)
+                    for name, w in sorted(line.split("\t")[:2] for line in f if line.strip())]
+    shape = DATASETS["tinyimagenet"].shape
+    images = torch.empty((len(rows), *shape), dtype=torch.uint8)  # preallocated: 100k images are 1.2 GB
+    for i, (path, _) in enumerate(rows):  # mode=RGB: a few Tiny ImageNet images are grayscale
+        image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+        if tuple(image.shape) != shape:
+            raise ValueError(f"{path!r} has shape {tuple(image.shape)}, expected {shape} (Tiny ImageNet is 64x64)")
+        images[i] = image
+    index, tmp = {w: i for i, w in enumerate(wnids)}, f"{cache}.tmp{os.getpid()}"
+    labels = torch.tensor([index[w] for _, w in rows], dtype=torch.int64)
+    try:  # written next to the target, then renamed: a crash never leaves a cache a later load would trust
+        torch.save({"images": images, "labels": labels, "wnids": wnids}, tmp)
+        os.replace(tmp, cache)
     except OSError as e:  # e.g. a read-only shared dataset folder: work, just slower next time
+        if os.path.exists(tmp):
+            os.remove(tmp)
         warnings.warn(f"could not write the Tiny ImageNet cache {cache!r}: {e}")
     return ImageSplit(images, labels, len(wnids))
 
 
-# ---------------------------------------------------------------------------
-# Synthetic: class-conditional gratings a small CNN can learn
-# ---------------------------------------------------------------------------
+# ---- Synthetic: class-conditional gratings a small CNN can learn --------------------------------
 
 
 def make_synthetic(num_classes: int, shape: tuple, n: int, seed: int, train: bool) -> ImageSplit:
@@ -340,15 +246,12 @@ def make_synthetic(num_classes: int, shape: tuple, n: int, seed: int, train: boo
     phase = t_rng.uniform(0, 2 * np.pi, (num_classes, n_gratings))
     colour = t_rng.uniform(-1, 1, (num_classes, n_gratings, c))
     colour /= np.sqrt((colour ** 2).sum(1, keepdims=True) / 2) + 1e-8  # unit per-channel std over gratings
-
-    # Balanced labels in random order.
-    labels = s_rng.permutation(np.arange(n) % num_classes)
+    labels = s_rng.permutation(np.arange(n) % num_classes)  # balanced, in random order
     max_shift = max(1, h // 8)  # translate by up to 4 px at 32x32
     shift = s_rng.integers(-max_shift, max_shift + 1, (n, 2)) / np.array([h, w])
     contrast = s_rng.uniform(0.06, 0.1, n)  # per-channel std of the signal
     brightness = s_rng.uniform(0.4, 0.6, n)
     noise = s_rng.normal(0, 0.08, (n, c, h, w)).astype(np.float32)
-
     yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
     images = np.empty((n, c, h, w), dtype=np.uint8)
     for lo in range(0, n, 512):  # chunks keep memory flat for 64x64 images
@@ -364,16 +267,14 @@ def make_synthetic(num_classes: int, shape: tuple, n: int, seed: int, train: boo
     return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), num_classes)
 
 
-# ---------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------
+# ---- Entry points ------------------------------------------------------------------------------
 
 
 def load_dataset(name: str, root: str = "data", train: bool = True, download: bool = True,
                  synthetic_shape: tuple | None = None, synthetic_size: int | None = None,
                  synthetic_classes: int = 10, seed: int = 0) -> ImageSplit:
-    """Load one split as uint8 NCHW + int64 labels. train=False is the test split
-    (Tiny ImageNet: val/). synthetic_* and seed only affect name='synthetic'."""
+    """One split as uint8 NCHW + int64 labels; train=False: the test split (Tiny ImageNet: val/).
+    synthetic_* and seed only affect name='synthetic'."""
     info = dataset_info(name)
     root = os.fspath(root)
     if name == "synthetic":
@@ -417,21 +318,16 @@ def split_validation(split: ImageSplit, n_val: int = 1000, seed: int = 0) -> tup
     return subset(split, train_idx), subset(split, val_idx)
 
 
-# ---------------------------------------------------------------------------
-# Device-resident loader
-# ---------------------------------------------------------------------------
+# ---- Device-resident loader -------------------------------------------------------------------
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Mix (seed, epoch) into one well-spread 63-bit seed; seed*K + epoch would let
-    # nearby seeds share epochs' streams.
+def _epoch_seed(seed: int, epoch: int) -> int:  # well spread: seed*K + epoch would let seeds share streams
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]) & (2 ** 63 - 1)
 
 
 def crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding`, crop back to H x W at a random offset per image and
-    flip each image horizontally with prob 0.5. Vectorised over the batch with one
-    gather via index grids; works on any dtype (we use it on uint8)."""
+    """Zero-pad by `padding`, crop back to H x W at a random offset per image and flip each image
+    horizontally with prob 0.5: one gather via index grids, any dtype (we use it on uint8)."""
     b, _, h, w = x.shape
     dev = x.device
     padded = F.pad(x, (padding, padding, padding, padding))
@@ -441,8 +337,7 @@ def crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torc
     cols = off[1, :, None] + torch.arange(w, device=dev)  # (b, w) source cols
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the crop's columns backwards
     idx = torch.arange(b, device=dev)[:, None, None]
-    # Advanced indexing on (b, H', W', C) gives (b, h, w, C); permute back to NCHW
-    # (the result is then channels_last-strided, which is fine: callers pick the format).
+    # (b, H', W', C) indexed gives (b, h, w, C), back to NCHW (channels_last-strided: callers pick the format)
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 

@@ -1,44 +1,13 @@
 """Evaluate checkpoints of fsr.py and cifs.py under the papers' protocol.
 
-    python evaluate.py runs/a/last.pt runs/b/last.pt            # the main table, full test set
-    python evaluate.py runs/a/last.pt --n-examples 2000         # class-balanced subset (indices saved)
-    python evaluate.py runs/cifs/last.pt --adaptive             # + beta_atk sweep of the heads (CIFS Table B.3)
-    python evaluate.py runs/cifs/last.pt --no-through-mask      # CIFS: only the papers' columns
-    python evaluate.py runs/cifs/last.pt --autoattack-cifs      # + CIFS's own AutoAttack (Table B.1)
-    python evaluate.py runs/a/last.pt --attacks natural,pgd20 --random-start --restarts 5
-    python evaluate.py runs/a/last.pt --transfer-source runs/natural/last.pt --nattack  # FSR Table 3
-    python evaluate.py runs/a/last.pt --fsr-analysis            # FSR Table 5 (a) and (b)
-    python evaluate.py runs/a/last.pt --masking-report          # FSR appendix C checks
-    python evaluate.py runs/cifs/last.pt --channel-analysis     # CIFS Fig. 1/3/A.2 data
-    python evaluate.py runs/a_s0/last.pt runs/a_s1/last.pt      # seeds of one configuration: + mean ± std
+    python evaluate.py runs/a_s0/last.pt runs/a_s1/last.pt --n-examples 2000  # main table, mean ± std of seeds
+    python evaluate.py runs/cifs/last.pt --adaptive --autoattack-cifs --channel-analysis  # CIFS B.3, B.1, Fig. 1/3
+    python evaluate.py runs/a/last.pt --transfer-source runs/natural/last.pt --nattack    # FSR Table 3
+    python evaluate.py runs/a/last.pt --fsr-analysis --masking-report  # FSR Table 5 (a) and (b), appendix C
     torchrun --standalone --nproc_per_node=8 evaluate.py runs/a/last.pt   # sharded over 8 GPUs
 
-Protocol (defaults, both authors' test scripts, wkim97/FSR test.py and HanshuYAN/CIFS
-CIFAR10_Res18_CIFS_test.py): eval mode, fp32 (TF32 convolutions on Ampere/Hopper GPUs, PyTorch's
-default, unless --strict-fp32), the full test set, the eps of the checkpoint's
-dataset; FGSM from x; PGD-20 / PGD-100 with steps of eps/10 from x (no random start; Fashion-MNIST:
-steps 0.01 / 0.02, CIFS appendix D); C&W = 30 PGD steps of eps/10 on the margin loss with kappa 50;
-Ensemble = per-example AND of natural-correct and robust to FGSM, PGD-20, PGD-100 and C&W (FSR
-Eq. 6); AutoAttack = the standard version (APGD-CE, APGD-T, FAB-T, Square), run batch by batch
-through `pyautoattack`, a PyPI repackaging of the AutoAttack authors' code (fra31/auto-attack,
-attack code identical).
-
-Models with a CIFS module also get, by default, the white-box columns attacked through the
-channel mask (the true input gradient of the model's function; neither paper ran them) and the
-per-example worst case over the standard, the through-the-mask and (with --adaptive) the swept
-attacks. --no-through-mask leaves only the papers' columns.
-
-Under torchrun the test set is sharded by batches (batch b on process b mod N), every batch seeded
-by its index, and the per-example results are gathered: the table and the JSON equal those of one
-process. Only rank 0 prints and writes.
-
-Writes, next to the first checkpoint unless --out is given: table.md (the table; checkpoints that
-differ only in their seed also get a mean ± std row), summary.json (those groups), and per
-checkpoint <name>.json (per-example correctness per attack, the indices, the protocol, package
-versions, timings, and the opt-in analyses under "through_mask", "transfer", "nattack",
-"autoattack_cifs", "fsr_analysis", "masking_report", "channel_analysis") and <name>.csv (one row
-per example). When matplotlib is installed (optional, never required), the masking report and the
-channel analysis are also drawn: <name>_masking.png and <name>_channels.png.
+Protocol (both authors' test scripts, wkim97/FSR test.py and HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py), every
+column, flag and output file: docs/evaluation.md. Under torchrun the table and the JSON equal those of one process.
 """
 
 from __future__ import annotations
@@ -46,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import importlib
 import importlib.metadata
 import json
 import math
@@ -62,13 +30,13 @@ from torch import nn
 
 import attacks
 from cifs import CIFS, OFFICIAL_SOFTMAX_SCALES
-from fsr import FSR
-from fsr import pool as fsr_pool
 from data import DATASETS, balanced_subset, dataset_info, load_dataset
+from fsr import FSR, pool as fsr_pool
 from models import MODELS
-from run_support import (CheckpointError, arg, args_from_checkpoint, check_writable, init_distributed, load_weights,
-                         pick_device, plot_training_curves, read_torch_file, set_tf32, write_text_atomically)
-from run_support import parse_args as parse_args_of
+from progress import plot_training_curves
+from run_support import (AT_LEAST_1, NON_NEGATIVE, CheckpointError, arg, args_from_checkpoint, check_writable, flag,
+                         init_distributed, load_weights, parse_args, pick_device, read_torch_file, set_tf32,
+                         write_text_atomically)
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -79,14 +47,10 @@ WHITE_BOX = ("fgsm", "pgd20", "pgd100", "cw")  # the columns that also run throu
 STANDARD, THROUGH_MASK = "standard", "through the mask"
 TITLES = {"natural": "Natural", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "cw": "C&W",
           "ensemble": "Ensemble"}
-COLUMN_TITLES = {
-    **TITLES, "autoattack": "AutoAttack", "autoattack-cifs": "AutoAttack (CIFS protocol)",
-    **{f"{n}-tm": f"{TITLES[n]} (through mask)" for n in WHITE_BOX},
-    **{f"{n}-worst": f"Worst-case {TITLES[n]}" for n in (*WHITE_BOX, "ensemble")},
-    "ti-fgsm": "TI-FGSM", "ti-i-fgsm": "TI-I-FGSM", "di-fgsm": "DI-FGSM", "nattack": "NAttack"}
-TABLE_ORDER = ("natural", "fgsm", "pgd20", "pgd100", "cw", "ensemble", "autoattack", "autoattack-cifs",
-               *(f"{n}-tm" for n in WHITE_BOX), *(f"{n}-worst" for n in (*WHITE_BOX, "ensemble")),
-               "ti-fgsm", "ti-i-fgsm", "di-fgsm", "nattack")
+COLUMN_TITLES = {**TITLES, "autoattack": "AutoAttack", "autoattack-cifs": "AutoAttack (CIFS protocol)",
+                 **{f"{n}-tm": f"{TITLES[n]} (through mask)" for n in WHITE_BOX},
+                 **{f"{n}-worst": f"Worst-case {TITLES[n]}" for n in (*WHITE_BOX, "ensemble")},
+                 "ti-fgsm": "TI-FGSM", "ti-i-fgsm": "TI-I-FGSM", "di-fgsm": "DI-FGSM", "nattack": "NAttack"}
 # FSR Table 5: what each FSR module passes on instead of f~ ("full", FSR.output), in the table's order.
 FSR_OUTPUTS = ("robust", "non_robust", "recalibrated", "full")
 FEATURE_NAMES = {"input": "f", "robust": "f+", "non_robust": "f-", "recalibrated": "f~-", "full": "f~",
@@ -94,20 +58,17 @@ FEATURE_NAMES = {"input": "f", "robust": "f+", "non_robust": "f-", "recalibrated
 TABLE5_COLUMNS = (*ENSEMBLE_OF, "autoattack")  # Table 5 (a) reports the Ensemble and AutoAttack
 KNN_K = (5, 20)
 KNN_TEMPERATURE = 0.07  # gamma of the k-NN weights exp(cos / gamma): FSR §4.3 leaves it open; Wu et al.'s 0.07
-# Gradient-masking report (FSR appendix C): PGD step counts (step 2.5 eps / steps, Madry et al.'s
-# rule, so every count can reach the boundary of the ball) and budgets as multiples of eps
-# (8/255 -> 1, 2, 4, ..., 128 /255), each with PGD-20 of step eps'/10.
+# Gradient-masking report (FSR appendix C): PGD step counts (step 2.5 eps / steps, Madry et al.'s rule, so
+# every count can reach the boundary of the ball) and budgets as multiples of eps, each PGD-20 of step eps'/10.
 MASKING_STEPS = (1, 2, 5, 10, 20, 50, 100)
 MASKING_EPS_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)
 MASKING_TOLERANCE = 0.01  # "non-increasing" allows this accuracy rise (or one example, if more)
 # "Well above": a CIFS model whose standard PGD-20 accuracy exceeds its through-the-mask PGD-20
 # accuracy by more than this (and by more than one example) fails the masking report.
 MASK_GAP_THRESHOLD = 0.02
-# beta_atk of the adaptive attacks (CIFS Table B.3): the attack loss is
-# l(final) + (beta / L) sum_l l(p_l); "inf" attacks the heads only, "inf-k" the k-th head only.
+# beta_atk of the adaptive attacks (CIFS Table B.3, sweep_loss): "inf" attacks the heads only, "inf-k" the k-th.
 ADAPTIVE_BETAS = ("0", "0.1", "1", "2", "10", "100", "inf", "inf-1", "inf-2")
-# Auxiliary heads trained towards the true label, in the order of `emitted` (the sweep attacks them):
-# CIFS's probes p_l, and FSR's h(f+) and h(f~-).
+# Auxiliary heads trained towards the true label (the sweep attacks them): CIFS's p_l, FSR's h(f+) and h(f~-).
 LABEL_HEADS = ("probe", "robust", "recalibrated")
 # CIFS's own AutoAttack (appendix B.1): both attacks climb Eq. 3's joint loss with beta = 2.
 CIFS_AUTOATTACK_BETA = "2"
@@ -115,12 +76,10 @@ CIFS_AUTOATTACK_BETA = "2"
 # checkpoints that differ only in these and `seed` are seeds of one configuration.
 BOOKKEEPING = ("seed", "run_name", "runs_dir", "resume", "device", "log_interval", "data_root", "compile",
                "deterministic", "channels_last", "init_from", "strict_fp32", "official_softmax_scale")
-# What a state dict saved by the official code is, in the result's "run" (the network it builds, not
-# our training recipe, which did not produce it): the settings each method's network is built from.
-OFFICIAL_NETWORK_SETTINGS = {
-    "fsr": ("model", "dataset", "positions", "hidden", "tau"),
-    "cifs": ("model", "dataset", "no_cifs", "positions", "probes", "hidden", "mask_fn", "softmax_scale", "top_k"),
-}
+# An official state dict's "run" in the result: the settings its network is built from (not our recipe's).
+OFFICIAL_NETWORK_SETTINGS = {"fsr": ("model", "dataset", "positions", "hidden", "tau"),
+                             "cifs": ("model", "dataset", "no_cifs", "positions", "probes", "hidden", "mask_fn",
+                                      "softmax_scale", "top_k")}
 
 
 @dataclass
@@ -137,8 +96,9 @@ class Args:
     aa_version: str = arg("standard", "AutoAttack version: standard | plus | rand | custom (with --aa-attacks)")
     aa_attacks: str = arg(None, "with --aa-version custom: comma-separated AutoAttack attacks "
                           "(apgd-ce, apgd-t, fab-t, square, apgd-dlr, fab)", str)
-    adaptive: bool = arg(False, "adaptive attacks on the auxiliary heads: sweep beta_atk over " + " ".join(ADAPTIVE_BETAS)
-                         + " (CIFS Table B.3); on FSR models the heads h(f+) and h(f~-) are swept too")
+    adaptive: bool = arg(False, "adaptive attacks on the auxiliary heads: sweep beta_atk over "
+                         + " ".join(ADAPTIVE_BETAS) + " (CIFS Table B.3); on FSR models the heads h(f+) and h(f~-) "
+                         "are swept too")
     no_through_mask: bool = arg(False, "CIFS models: skip the attacks through the mask and the worst-case "
                                 "columns (only the papers' columns)")
     autoattack_cifs: bool = arg(False, "CIFS's own AutoAttack (CIFS appendix B.1): APGD-CE 5 restarts + Square "
@@ -187,77 +147,117 @@ class Args:
     curves: bool = arg(False, "draw the training curves of the given run folders, overlaid, into <out>/curves.png")
 
 
+# check_args's rules: (test, what a value must be), as run_support.RANGES. Unset values (None) are skipped.
+RULES = {
+    "attacks": (lambda v: any(v.split(",")) and set(v.split(",")) <= {"", *MAIN_ATTACKS},
+                f"give one or more of {', '.join(MAIN_ATTACKS)}"),
+    "n_examples": (lambda v: v >= 1, "must be at least 1 (or left out for the full test set)"),
+    "epsilon": (lambda v: 0 < v <= 1, f"must be in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, "
+                "not 8)"),
+    "official": (lambda v: v in METHODS, "use fsr or cifs"),
+    "official_model": (lambda v: v in MODELS, f"use one of {', '.join(MODELS)}"),
+    "official_dataset": (lambda v: v in DATASETS, f"use one of {', '.join(DATASETS)}"),
+    "log_interval": NON_NEGATIVE, "knn_train_examples": AT_LEAST_1,
+    "aa_version": (lambda v: v in ("standard", "plus", "rand", "custom"), "use standard, plus, rand or custom"),
+    "ti_kernel": (lambda v: v >= 1 and v % 2 == 1, "the Gaussian kernel size must be odd and positive (e.g. 7)"),
+    "di_prob": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (the DI paper: 0.5)"),
+    **dict.fromkeys(("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps", "batch_size",
+                     "nattack_examples", "nattack_queries", "nattack_population", "nattack_batch_size"), AT_LEAST_1),
+}
+
+
 def check_args(args: Args) -> None:
     """Refuse settings of the attacks above before any work, naming the flag and the fix."""
-    columns = [a for a in args.attacks.split(",") if a]
-    unknown = [a for a in columns if a not in MAIN_ATTACKS]
-    if not columns or unknown:
-        raise ValueError(f"--attacks {args.attacks!r}: give one or more of {', '.join(MAIN_ATTACKS)}")
-    if args.n_examples is not None and args.n_examples < 1:
-        raise ValueError(f"--n-examples {args.n_examples}: must be at least 1 (or left out for the full test set)")
-    if args.epsilon is not None and not 0 < args.epsilon <= 1:
-        raise ValueError(f"--epsilon {args.epsilon} is not in (0, 1]: budgets are in image units "
-                         f"(pass 8/255 = {8 / 255:.5f}, not 8)")
-    if args.official not in (None, *METHODS):
-        raise ValueError(f"--official {args.official!r}: use fsr or cifs")
-    if args.official_model not in MODELS:
-        raise ValueError(f"--official-model {args.official_model!r}: use one of {', '.join(MODELS)}")
-    if args.official_dataset not in DATASETS:
-        raise ValueError(f"--official-dataset {args.official_dataset!r}: use one of {', '.join(DATASETS)}")
-    if args.official_softmax_scale is not None and (args.official != "cifs" or args.official_softmax_scale not in OFFICIAL_SOFTMAX_SCALES):
+    for name, (test, requirement) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not test(value):
+            raise ValueError(f"{flag(name)} {value!r}: {requirement}")
+    if args.official_softmax_scale is not None and (args.official != "cifs"
+                                                    or args.official_softmax_scale not in OFFICIAL_SOFTMAX_SCALES):
         raise ValueError(f"--official-softmax-scale {args.official_softmax_scale:g}: give 1 or 2, with --official cifs")
     if args.official_tau is not None and (args.official != "fsr" or not args.official_tau > 0):
         raise ValueError(f"--official-tau {args.official_tau:g}: give a positive temperature, with --official fsr")
-    if args.log_interval < 0:
-        raise ValueError(f"--log-interval {args.log_interval}: must not be negative")
-    if args.knn_train_examples is not None and args.knn_train_examples < 1:
-        raise ValueError(f"--knn-train-examples {args.knn_train_examples}: must be at least 1")
-    if args.aa_version not in ("standard", "plus", "rand", "custom"):
-        raise ValueError(f"--aa-version {args.aa_version!r}: use standard, plus, rand or custom")
     if (args.aa_version == "custom") != bool(args.aa_attacks):
         raise ValueError("--aa-attacks goes with --aa-version custom (and custom needs --aa-attacks)")
-    if args.ti_kernel < 1 or args.ti_kernel % 2 == 0:
-        raise ValueError(f"--ti-kernel {args.ti_kernel}: the Gaussian kernel size must be odd and positive (e.g. 7)")
-    if not 0.0 <= args.di_prob <= 1.0:
-        raise ValueError(f"--di-prob {args.di_prob}: a probability in [0, 1] (the DI paper: 0.5)")
-    for flag in ("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps", "batch_size",
-                 "nattack_examples", "nattack_queries", "nattack_population", "nattack_batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if (args.ti_iterative or args.di_shrink) and not args.transfer_source:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
 
 
-# =============================================================================================
-# Processes: one, or one per GPU under torchrun
-# =============================================================================================
+# ==== Rebuilding a model from what its checkpoint records ========================================
+
+def read_checkpoint(path: str, args: Args | None = None):
+    """(method module, run Args, state dict, notes, origin: None, or which official code) of a checkpoint."""
+    raw = read_torch_file(path)
+    if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
+        module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
+        return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], [], None
+    if args is None or args.official is None:
+        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py (a state dict saved by "
+                              f"the official code needs --official fsr or --official cifs)")
+    module = importlib.import_module(args.official)
+    # Beyond model and dataset: what the user states (the CIFS mask scale, the FSR tau; neither is in the
+    # file) and for CIFS whether it is the script's vanilla ResNet-18 (`--network _`: no probe keys).
+    settings = {} if args.official_tau is None else {"tau": args.official_tau}
+    if args.official == "cifs":
+        state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+        vanilla = isinstance(state, dict) and bool(state) and not any(".Probe." in str(key) for key in state)
+        settings = {"no_cifs": vanilla, "official_softmax_scale": None if vanilla else args.official_softmax_scale}
+    run_args = module.resolve(module.Args(dataset=args.official_dataset, model=args.official_model, **settings))
+    try:
+        state, notes = module.official_state_dict(raw, run_args)
+    except ValueError as error:
+        raise CheckpointError(f"{path!r}: {error}") from None
+    if args.official == "fsr":  # origin: which official code and network, for the table and the JSON
+        origin = f"wkim97/FSR train.py, tau {run_args.tau:g}"
+    elif run_args.no_cifs:
+        origin = "HanshuYAN/CIFS CIFAR10_Res18_CIFS.py --network _ (vanilla ResNet-18, models/nets/resnet_.py)"
+    else:
+        scale = run_args.official_softmax_scale
+        origin = f"HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask {scale:g} x softmax ({OFFICIAL_SOFTMAX_SCALES[scale]})"
+    return module, run_args, state, notes, origin
 
 
-def evaluation_device(device_name: str | None) -> torch.device:
-    """The evaluation device; under torchrun (WORLD_SIZE > 1) also joins the process group (NCCL on
-    GPUs, gloo on the CPU), one GPU per process (models.init_distributed)."""
-    device = pick_device(device_name)
-    init_distributed(device)
-    return device
+def load_network_and_origin(path: str, device, args: Args | None = None, log=None):
+    """load_network, and the checkpoint's origin (read_checkpoint)."""
+    module, run_args, state, notes, origin = read_checkpoint(path, args)
+    for note in notes if log else ():
+        log(f"{path}: {note}")
+    model = module.build_network(run_args)
+    load_weights(model, state, path)
+    return model.to(device).eval(), run_args, module, origin
 
+
+def load_network(path: str, device, args: Args | None = None, log=None):
+    """(model in eval mode on `device`, the run's Args, the method's module) of a checkpoint (read_checkpoint)."""
+    return load_network_and_origin(path, device, args, log)[:3]
+
+
+def load_model(path: str, device="cpu", official: str | None = None, model: str = "resnet18",
+               dataset: str = "cifar10", softmax_scale: float | None = None, tau: float | None = None) -> nn.Module:
+    """A checkpoint's network for other tools (AutoAttack, torchattacks, RobustBench): eval mode, images in
+    [0, 1] -> logits, also under torch.no_grad(); `official` and the keywords after it: the --official* flags."""
+    args = Args(checkpoints=[path], official=official, official_model=model, official_dataset=dataset,
+                official_softmax_scale=softmax_scale, official_tau=tau)
+    check_args(args)
+    return attacks.LogitsOnly(load_network(path, torch.device(device), args)[0]).eval()
+
+
+def load_split(run_args, data_root: str, train: bool):
+    """A split of the run's dataset as float images in [0, 1] (synthetic data: the run's shape, seed, size)."""
+    method = importlib.import_module(type(run_args).__module__)
+    split = load_dataset(run_args.dataset, data_root, train=train, synthetic_shape=method.input_shape(run_args),
+                         synthetic_size=run_args.synthetic_size if train else None, seed=run_args.seed)
+    return split.images.float() / 255, split.labels
+
+
+# ==== Attacks of the table, batch by batch: on one process, or one per GPU under torchrun ====
 
 def rank_and_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def gather_batches(results: dict) -> list:
-    """{batch index: result} of this process -> the results of all processes, in batch order."""
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, results)
-        results = {index: value for part in parts for index, value in part.items()}
-    return [results[index] for index in sorted(results)]
-
-
 def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_size: int | None = None) -> list:
-    """[keep(fn(model, xb, yb), yb)] over the batches of (x, y), in order. Batch b is seeded with
-    args.seed + b, so results depend neither on the order of batches nor on how they are spread
-    over processes: under torchrun batch b runs on rank b mod N and the results are gathered."""
+    """[keep(fn(model, xb, yb), yb)] over the batches of (x, y); batch b is seeded by b, run on rank b mod N."""
     batch_size = batch_size or args.batch_size
     rank, world_size = rank_and_size()
     started = time.time()
@@ -275,120 +275,24 @@ def attack_batches(model, fn, x, y, args: Args, label: str, log, keep, batch_siz
             next_print = now + args.log_interval
             eta = (now - started) / done * (len(y) - done)
             log(f"    {label}: {done}/{len(y)} examples, {now - started:.0f} s, ETA {eta:.0f} s")
-    return gather_batches(results)
-
-
-# =============================================================================================
-# Rebuilding a model from what its checkpoint records
-# =============================================================================================
-
-
-def official_settings(raw, args: Args) -> dict:
-    """The settings an official state dict is built with, beyond --official-model and
-    --official-dataset: what the user states about it (the CIFS mask scale, the FSR tau; neither is in
-    the file), and for CIFS whether it is the script's vanilla ResNet-18 (`--network _`: no probe keys)."""
-    if args.official == "cifs":
-        state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-        vanilla = isinstance(state, dict) and bool(state) and not any(".Probe." in str(key) for key in state)
-        return {"no_cifs": vanilla, "official_softmax_scale": None if vanilla else args.official_softmax_scale}
-    return {} if args.official_tau is None else {"tau": args.official_tau}
-
-
-def official_origin(method: str, run_args) -> str:
-    """Which official code and network an official state dict comes from, for the table and the JSON."""
-    if method == "cifs":
-        if run_args.no_cifs:
-            return "HanshuYAN/CIFS CIFAR10_Res18_CIFS.py --network _ (vanilla ResNet-18, models/nets/resnet_.py)"
-        scale = run_args.official_softmax_scale
-        return (f"HanshuYAN/CIFS CIFAR10_Res18_CIFS.py, mask {scale:g} x softmax "
-                f"({OFFICIAL_SOFTMAX_SCALES[scale]})")
-    return f"wkim97/FSR train.py, tau {run_args.tau:g}"
-
-
-def read_checkpoint(path: str, args: Args | None = None):
-    """(method module, run Args, state dict, notes, origin) of a checkpoint written by fsr.py or
-    cifs.py (origin None), or of a state dict saved by the official code (args.official names its
-    method; args.official_model, args.official_dataset and official_settings what it holds; origin
-    says which official code). Whatever makes it unusable is one line that says why."""
-    raw = read_torch_file(path)
-    if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
-        module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
-        return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], [], None
-    if args is None or args.official is None:
-        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py (a state dict saved by "
-                              f"the official code needs --official fsr or --official cifs)")
-    module = importlib.import_module(args.official)
-    run_args = module.resolve(module.Args(dataset=args.official_dataset, model=args.official_model,
-                                          **official_settings(raw, args)))
-    try:
-        state, notes = module.official_state_dict(raw, run_args)
-    except ValueError as error:
-        raise CheckpointError(f"{path!r}: {error}") from None
-    return module, run_args, state, notes, official_origin(args.official, run_args)
-
-
-def load_network_and_origin(path: str, device, args: Args | None = None, log=None):
-    """load_network, and the checkpoint's origin (None: ours; else which official code, see read_checkpoint)."""
-    module, run_args, state, notes, origin = read_checkpoint(path, args)
-    for note in notes if log else ():
-        log(f"{path}: {note}")
-    model = module.build_network(run_args)
-    load_weights(model, state, path)
-    return model.to(device).eval(), run_args, module, origin
-
-
-def load_network(path: str, device, args: Args | None = None, log=None):
-    """(model in eval mode on `device`, the run's Args, the method's module) from a checkpoint (see
-    read_checkpoint). Weights that do not fit the network its settings build are refused in one line
-    naming the keys."""
-    return load_network_and_origin(path, device, args, log)[:3]
-
-
-def load_model(path: str, device="cpu", official: str | None = None, model: str = "resnet18",
-               dataset: str = "cifar10", softmax_scale: float | None = None, tau: float | None = None) -> nn.Module:
-    """The network of a checkpoint as a plain module for other tools (AutoAttack, torchattacks,
-    RobustBench's benchmark()): in eval mode on `device`, mapping images in [0, 1] (no normalisation)
-    to logits. `official`="fsr" or "cifs" reads a state dict saved by the official code, holding
-    `model` trained on `dataset`; softmax_scale and tau are --official-softmax-scale and
-    --official-tau. CIFS's mask needs a gradient inside the forward, which it takes itself: the
-    module also works under torch.no_grad()."""
-    args = Args(checkpoints=[path], official=official, official_model=model, official_dataset=dataset,
-                official_softmax_scale=softmax_scale, official_tau=tau)
-    check_args(args)
-    network = load_network(path, torch.device(device), args)[0]
-    return attacks.LogitsOnly(network).eval()
-
-
-def load_split(run_args, data_root: str, train: bool):
-    """A split of the run's dataset as float images in [0, 1]; for synthetic data the run's shape,
-    seed and (training) size, via the method's own `input_shape`."""
-    method = importlib.import_module(type(run_args).__module__)
-    split = load_dataset(run_args.dataset, data_root, train=train, synthetic_shape=method.input_shape(run_args),
-                         synthetic_size=run_args.synthetic_size if train else None, seed=run_args.seed)
-    return split.images.float() / 255, split.labels
-
-
-# =============================================================================================
-# Attacks of the table
-# =============================================================================================
+    if dist.is_initialized():  # {batch index: result} of every process
+        parts = [None] * world_size
+        dist.all_gather_object(parts, results)
+        results = {index: value for part in parts for index, value in part.items()}
+    return [results[index] for index in sorted(results)]
 
 
 def step_sizes(dataset: str, eps: float) -> dict:
-    """PGD-20 / PGD-100 / C&W step sizes: eps/10 (CIFS appendix B.1; wkim97/FSR test.py), except
-    Fashion-MNIST's 0.01 and 0.02 (CIFS appendix D)."""
-    if dataset == "fmnist":
-        return {"pgd20": 0.01, "pgd100": 0.02, "cw": eps / 10}
-    return {"pgd20": eps / 10, "pgd100": eps / 10, "cw": eps / 10}
+    """Steps of eps/10 (CIFS appendix B.1; wkim97/FSR test.py); Fashion-MNIST PGD: 0.01, 0.02 (CIFS appendix D)."""
+    pgd20, pgd100 = (0.01, 0.02) if dataset == "fmnist" else (eps / 10, eps / 10)
+    return {"pgd20": pgd20, "pgd100": pgd100, "cw": eps / 10}
 
 
 def sweep_loss(base: str, beta: str, kappa: float):
-    """Per-example attack loss l(final) + (beta / L) sum_l l(p_l) of the CIFS adaptive attacks, with
-    l = CE or the C&W margin. The C&W margin is used in every branch (the official test script
-    silently falls back to CE for beta in {0, inf-1, inf-2}: not copied)."""
+    """Per-example loss l(final) + (beta / L) sum_l l(p_l) of the CIFS adaptive attacks, l = CE or the C&W margin
+    (in every branch: the official test script silently falls back to CE for beta in {0, inf-1, inf-2})."""
     def single(logits, y):
-        if base == "cw":
-            return attacks.cw_margin(logits, y, kappa)
-        return attacks.cross_entropy_loss(logits, y)
+        return attacks.cw_margin(logits, y, kappa) if base == "cw" else attacks.cross_entropy_loss(logits, y)
 
     def loss(output, y):
         logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
@@ -415,66 +319,44 @@ def attack_fn(name: str, run_args, args: Args, eps: float, beta: str = "0"):
         return lambda model, x, y: x
     if name == "fgsm":
         return lambda model, x, y: attacks.fgsm(model, x, y, eps, loss_fn=sweep_loss("ce", beta, args.kappa))
-    if name in ("pgd20", "pgd100"):
-        n = int(name[3:])
-        return lambda model, x, y: attacks.pgd(model, x, y, eps, steps[name], n, sweep_loss("ce", beta, args.kappa),
+    if name in ("pgd20", "pgd100", "cw"):  # C&W: PGD on the margin loss (both test scripts' _cw_loss)
+        n, loss = (args.cw_steps, "cw") if name == "cw" else (int(name[3:]), "ce")
+        return lambda model, x, y: attacks.pgd(model, x, y, eps, steps[name], n, sweep_loss(loss, beta, args.kappa),
                                                start, args.restarts)
-    if name == "cw":
-        return lambda model, x, y: attacks.pgd(model, x, y, eps, steps["cw"], args.cw_steps,
-                                               sweep_loss("cw", beta, args.kappa), start, args.restarts)
     raise ValueError(f"unknown attack {name!r}; known: {', '.join(MAIN_ATTACKS)}")
 
 
-@torch.no_grad()
-def judge(model, x_adv, y) -> dict:
-    """Per-example correctness of the final prediction, its top-2, and every auxiliary head."""
-    logits, emitted = model(x_adv)
-    verdict = {"final": logits.argmax(1) == y, "top2": (logits.topk(2, 1).indices == y[:, None]).any(1)}
-    for name, head in label_heads(emitted):
-        verdict[f"head {name}"] = head.argmax(1) == y
-    return verdict
-
-
-def merge_verdicts(parts: list) -> dict:
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+def run_autoattack(model, attack, x, y, args: Args, label: str, log) -> tuple[dict, float, list]:
+    """Per-example verdicts, seconds and warnings (once each) of `attack(model, xb, yb) -> (x_adv, warnings)`."""
+    @torch.no_grad()
+    def judge(out, yb):  # on the CPU: correctness of the final prediction, its top-2, and every auxiliary head
+        logits, emitted = model(out[0])
+        verdict = {"final": logits.argmax(1) == yb, "top2": (logits.topk(2, 1).indices == yb[:, None]).any(1),
+                   **{f"head {name}": head.argmax(1) == yb for name, head in label_heads(emitted)}}
+        return {key: v.cpu() for key, v in verdict.items()}, out[1]
+    started = time.time()
+    verdicts, warnings = zip(*attack_batches(model, attack, x, y, args, label, log, keep=judge))
+    merged = {key: torch.cat([part[key] for part in verdicts]) for key in verdicts[0]}
+    return merged, time.time() - started, list(dict.fromkeys(w for part in warnings for w in part))
 
 
 def run_attack(model, fn, x, y, args: Args, label: str, log) -> tuple[dict, float]:
-    """Apply `fn` batch by batch (attack_batches); returns per-example verdicts and seconds."""
-    started = time.time()
-    parts = attack_batches(model, fn, x, y, args, label, log,
-                           keep=lambda x_adv, yb: {key: v.cpu() for key, v in judge(model, x_adv, yb).items()})
-    return merge_verdicts(parts), time.time() - started
-
-
-def run_autoattack(model, attack, x, y, args: Args, label: str, log) -> tuple[dict, float, list]:
-    """An AutoAttack `attack(model, xb, yb) -> (x_adv, warnings)` one call per batch (attack_batches),
-    so that a sharded run equals a single-process one; its warnings are collected once each, in order."""
-    started = time.time()
-    parts = attack_batches(model, attack, x, y, args, label, log,
-                           keep=lambda out, yb: ({key: v.cpu() for key, v in judge(model, out[0], yb).items()}, out[1]))
-    warnings = list(dict.fromkeys(w for _, batch_warnings in parts for w in batch_warnings))
-    return merge_verdicts([verdicts for verdicts, _ in parts]), time.time() - started, warnings
+    """Apply `fn` batch by batch; returns per-example verdicts and seconds."""
+    return run_autoattack(model, lambda m, xb, yb: (fn(m, xb, yb), []), x, y, args, label, log)[:2]
 
 
 def standard_autoattack(args: Args, eps: float):
     """(model, xb, yb) -> (x_adv, warnings): AutoAttack `--aa-version` (standard: FSR Tables 3-6), seed args.seed."""
-    show_progress = rank_and_size()[0] == 0
     custom = args.aa_attacks.split(",") if args.aa_attacks else None
-
-    def attack(model, xb, yb):
-        return attacks.autoattack(model, xb, yb, eps, version=args.aa_version, attacks=custom, seed=args.seed,
-                                  batch_size=args.batch_size, progress=show_progress)
-    return attack
+    progress = rank_and_size()[0] == 0
+    return lambda model, xb, yb: attacks.autoattack(model, xb, yb, eps, version=args.aa_version, attacks=custom,
+                                                    seed=args.seed, batch_size=args.batch_size, progress=progress)
 
 
-# =============================================================================================
-# One checkpoint
-# =============================================================================================
+# ==== One checkpoint =============================================================================
 
-
-def has_cifs(model: nn.Module) -> bool:
-    return any(isinstance(m, CIFS) for m in model.modules())
+def modules_of(model: nn.Module, kind: type) -> list:
+    return [m for m in model.modules() if isinstance(m, kind)]
 
 
 def load_source(args: Args):
@@ -483,24 +365,23 @@ def load_source(args: Args):
 
 
 def prepare(path: str, args: Args, log, source=None) -> tuple:
-    """(model on the CPU, run Args, method module, (x_all, y_all) of its test split, the transfer
-    source or None, origin: None for our checkpoints, else which official code): everything that can
-    fail about a checkpoint before an attack runs (main does this for every checkpoint first, with
-    the source loaded once)."""
+    """Everything that can fail about a checkpoint before an attack runs (main: for all checkpoints first)."""
     source = source if source is not None else load_source(args)
     model, run_args, module, origin = load_network_and_origin(path, torch.device("cpu"), args, log)
     x_all, y_all = load_split(run_args, args.data_root, train=False)
     if args.n_examples is not None and args.n_examples > len(y_all):
         raise ValueError(f"--n-examples {args.n_examples}: {path} is evaluated on {run_args.dataset}, whose test "
                          f"split has {len(y_all)} images")
-    if source is not None:
-        check_compatible(source, model, args.transfer_source)
+    if source is not None and (source.num_classes != model.num_classes or source.input_shape != model.input_shape):
+        raise ValueError(f"--transfer-source {args.transfer_source!r} has {source.num_classes} classes and input "
+                         f"{source.input_shape}; the target has {model.num_classes} and {model.input_shape}")
     return model, run_args, module, (x_all, y_all), source, origin
 
 
 def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None = None) -> dict:
     check_args(args)
-    device = evaluation_device(args.device)
+    device = pick_device(args.device)
+    init_distributed(device)  # under torchrun: joins the process group
     precision = set_tf32(not args.strict_fp32, device)
     model, run_args, module, (x_all, y_all), source, origin = prepared or prepare(path, args, log)
     model, source = model.to(device), source.to(device) if source is not None else None
@@ -514,14 +395,15 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
     with torch.no_grad():
         has_heads = bool(label_heads(model(x[:2].to(device))[1]))
     betas = ADAPTIVE_BETAS if args.adaptive and has_heads else ("0",)
+    cifs_model = bool(modules_of(model, CIFS))
+    settings = protocol(args, run_args, eps, betas, cifs_model, precision)
     log(f"{path}: {run_args.model} ({type(model).__name__}) on {len(y)} {run_args.dataset} test images, eps {eps:.5f}")
-    log("  " + describe_protocol(protocol(args, run_args, eps, betas, has_cifs(model), precision), run_args.dataset,
-                                 [*columns, *(f"{n}-tm" for n in columns if has_cifs(model) and not args.no_through_mask)]))
-
+    log("  " + describe_protocol(settings, run_args.dataset,
+                                 [*columns, *(f"{n}-tm" for n in columns if cifs_model and not args.no_through_mask)]))
     # Every verdict of the table by (column, beta_atk, view): what the analyses below reuse.
     done: dict = {}
-    per_example, heads, timings, sweep, aa_warnings = {}, {}, {}, {}, []
-    tables = (per_example, heads, timings, sweep)
+    tables = per_example, heads, timings, sweep = {}, {}, {}, {}
+    aa_warnings = []
     for name in columns:
         if name == "autoattack":
             log(f"  AutoAttack {args.aa_version} on {len(y)} images, batch by batch (APGD-CE, APGD-T, FAB-T, Square "
@@ -532,18 +414,17 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
             results = {"0": verdicts}
         else:
             results, seconds = run_column(model, name, run_args, args, eps, betas, x, y, log, done)
-        record_column(name, results, seconds, *tables, log)
+        record_column(name, results, seconds, tables, log)
     if all(name in per_example for name in ENSEMBLE_OF):
         per_example["ensemble"] = ensemble_of(per_example, ENSEMBLE_OF)
-
     extra = {}
-    if has_cifs(model):
+    if cifs_model:
         extra["through_mask"] = through_mask_columns(model, columns, run_args, args, eps, betas, x, y, tables, done,
                                                      log)
     if source is not None:  # FSR Table 3: transfer from the source model
         for name, craft in transfer_attacks(source, eps, args).items():
             verdicts, seconds = run_attack(model, craft, x, y, args, name, log)
-            record_column(name, {"0": verdicts}, seconds, *tables, log)
+            record_column(name, {"0": verdicts}, seconds, tables, log)
         extra["transfer"] = transfer_settings(args)
     accuracy = {name: column_accuracy(name, per_example, sweep) for name in per_example}
     if args.nattack:
@@ -555,27 +436,25 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
         accuracy["autoattack-cifs"] = extra["autoattack_cifs"]["accuracy"]
     if args.fsr_analysis:
         extra["fsr_analysis"], timings["fsr_analysis"] = fsr_analysis(model, run_args, args, eps, x, y, done, log)
-    if args.masking_report:
+    if args.masking_report:  # with the table's FGSM and PGD-20 when they ran its protocol (from x, one restart)
+        known = {} if args.random_start or args.restarts != 1 else {
+            (name, view): verdicts["final"].float().mean().item()
+            for (name, beta, view), verdicts in done.items() if name in ("fgsm", "pgd20") and beta == "0"}
         extra["masking_report"], timings["masking_report"] = masking_report(
-            model, x, y, eps, args, log, aa_warnings if "autoattack" in columns else None,
-            known=reusable_for_masking(done, args), dataset=run_args.dataset)
+            model, x, y, eps, args, log, aa_warnings if "autoattack" in columns else None, known, run_args.dataset)
     if args.channel_analysis:
         extra["channel_analysis"], timings["channel_analysis"] = channel_analysis(
             model, attack_fn("pgd20", run_args, args, eps), x, y, info.num_classes, args, log)
-
     per_class = {name: [v[y == c].float().mean().item() for c in range(info.num_classes)]
                  for name, v in per_example.items()}
     run = dataclasses.asdict(run_args)
     if origin is not None:  # the authors' file: what it is, not our recipe's settings (which did not train it)
         run = {"official": origin, **{key: run[key] for key in OFFICIAL_NETWORK_SETTINGS[module.__name__]}}
-    return {
-        "checkpoint": path, "method": module.__name__, "official": origin,
-        "run": run, "protocol": protocol(args, run_args, eps, betas, has_cifs(model), precision),
-        "indices": indices.tolist(), "labels": y.tolist(),
-        "accuracy": accuracy, "adaptive": sweep, "per_class": per_class, "heads_and_top2": heads,
-        "per_example": {name: v.int().tolist() for name, v in per_example.items()},
-        "autoattack_warnings": aa_warnings, "versions": versions(), "timings": timings, **extra,
-    }
+    return {"checkpoint": path, "method": module.__name__, "official": origin, "run": run, "protocol": settings,
+            "indices": indices.tolist(), "labels": y.tolist(),
+            "accuracy": accuracy, "adaptive": sweep, "per_class": per_class, "heads_and_top2": heads,
+            "per_example": {name: v.int().tolist() for name, v in per_example.items()},
+            "autoattack_warnings": aa_warnings, "versions": versions(), "timings": timings, **extra}
 
 
 def ensemble_of(per_example: dict, members) -> torch.Tensor:
@@ -583,24 +462,23 @@ def ensemble_of(per_example: dict, members) -> torch.Tensor:
     return torch.stack([per_example[name] for name in members]).all(0)
 
 
-def run_column(model, name: str, run_args, args: Args, eps: float, betas, x, y, log, done=None,
+def run_column(model, name: str, run_args, args: Args, eps: float, betas, x, y, log, done: dict,
                view: str = STANDARD) -> tuple[dict, float]:
-    """{beta_atk: verdicts} of one white-box column (natural: beta 0 only) and the seconds spent,
-    with the attacks seeing the model through `view`; each result is also stored in `done`."""
+    """({beta_atk: verdicts}, seconds) of one column, attacked through `view`; each also stored in `done`."""
     results, seconds = {}, 0.0
     for beta in (betas if name != "natural" else ("0",)):
         label = f"{name} beta_atk={beta}" + (f" ({view})" if view != STANDARD else "")
         with attack_view(model, view):
             results[beta], spent = run_attack(model, attack_fn(name, run_args, args, eps, beta), x, y, args, label, log)
-        if done is not None:
-            done[(name, beta, view)] = results[beta]
+        done[(name, beta, view)] = results[beta]
         seconds += spent
     return results, seconds
 
 
-def record_column(name: str, results: dict, seconds: float, per_example, heads, timings, sweep, log) -> None:
-    """Store one column: the minimum over beta_atk, the per-example worst case (AND over beta_atk)
-    that feeds the Ensemble, the heads and top-2 at beta_atk = 0, and the time."""
+def record_column(name: str, results: dict, seconds: float, tables: tuple, log) -> None:
+    """Store one column in tables (per_example, heads, timings, sweep): the minimum over beta_atk, the
+    per-example worst case (AND over beta_atk) that feeds the Ensemble, heads and top-2 at beta_atk 0, time."""
+    per_example, heads, timings, sweep = tables
     per_example[name] = torch.stack([r["final"] for r in results.values()]).all(0)
     if len(results) > 1:
         sweep[name] = {beta: r["final"].float().mean().item() for beta, r in results.items()}
@@ -609,82 +487,57 @@ def record_column(name: str, results: dict, seconds: float, per_example, heads, 
     log(f"  {COLUMN_TITLES[name]:>10}: {column_accuracy(name, per_example, sweep):.2%} ({seconds:.1f} s)")
 
 
-# =============================================================================================
-# Attacks through the CIFS mask: an adaptive attack neither paper ran (default for CIFS models)
-# =============================================================================================
-
+# ==== Attacks through the CIFS mask: an adaptive attack neither paper ran (default for CIFS models) ====
 
 @contextlib.contextmanager
-def module_attribute(model: nn.Module, kind: type, name: str, value):
-    """Set `name` to `value` on every `kind` module of `model` for the block; restored on exit."""
-    modules = [m for m in model.modules() if isinstance(m, kind)]
-    before = [getattr(m, name) for m in modules]
+def differentiable_masks(model: nn.Module):
+    """In the block, every CIFS module computes its relevance on the non-detached pooled feature (create_graph):
+    input gradients also flow through the channel mask, the forward's value is unchanged. With a linear probe
+    g = W^T e_topk does not depend on the feature, so only the MLP (Softplus) probes add a gradient path."""
+    modules = modules_of(model, CIFS)
+    before = [m.differentiable_mask for m in modules]
     for m in modules:
-        setattr(m, name, value)
+        m.differentiable_mask = True
     try:
         yield modules
     finally:
         for m, old in zip(modules, before):
-            setattr(m, name, old)
-
-
-def differentiable_masks(model: nn.Module):
-    """Every CIFS module of `model` computes its relevance on the non-detached pooled feature
-    (create_graph), so input gradients also flow through the channel mask; restored on exit.
-    The forward's value is unchanged: only the attack's gradient differs. With a linear probe the
-    relevance g = W^T e_topk does not depend on the feature, so only the MLP (Softplus) probes add
-    a gradient path."""
-    return module_attribute(model, CIFS, "differentiable_mask", True)
+            m.differentiable_mask = old
 
 
 def attack_view(model: nn.Module, view: str):
-    """The context an attack runs in: the papers' model (STANDARD) or, for CIFS, the mask made
-    differentiable (THROUGH_MASK)."""
+    """The context an attack runs in: the papers' model (STANDARD) or differentiable_masks (THROUGH_MASK)."""
     return differentiable_masks(model) if view == THROUGH_MASK else contextlib.nullcontext()
 
 
 def through_mask_columns(model, columns, run_args, args, eps, betas, x, y, tables, done, log) -> dict:
-    """CIFS models: the white-box columns again, attacked through the mask ("<attack>-tm": same
-    protocol and beta_atk sweep, only the attack's gradient differs; the verdict forward is the
-    model's), then per example the worst case over both views and every beta_atk
-    ("<attack>-worst") and the Worst-case Ensemble (natural AND every worst-case attack)."""
+    """CIFS models: the white-box columns attacked through the mask ("<attack>-tm"), then per example
+    the worst case over both views and every beta_atk ("<attack>-worst") and the Worst-case Ensemble."""
     if args.no_through_mask:
         log("  --no-through-mask: the papers' columns only (the attacks treat the CIFS mask as a constant)")
         return {"applied": False, "reason": "--no-through-mask"}
-    per_example, heads, timings, sweep = tables
+    per_example = tables[0]
     run = [name for name in columns if name in WHITE_BOX]
     for name in run:
         results, seconds = run_column(model, name, run_args, args, eps, betas, x, y, log, done, THROUGH_MASK)
-        record_column(name + "-tm", results, seconds, per_example, heads, timings, sweep, log)
-    worst_of = {}
-    for name in run:
-        worst_of[name + "-worst"] = [name, name + "-tm"]
-        per_example[name + "-worst"] = ensemble_of(per_example, worst_of[name + "-worst"])
+        record_column(name + "-tm", results, seconds, tables, log)
+    worst_of = {name + "-worst": [name, name + "-tm"] for name in run}
     if all(name in per_example for name in ENSEMBLE_OF):
         worst_of["ensemble-worst"] = ["natural", *(name + "-worst" for name in WHITE_BOX)]
-        per_example["ensemble-worst"] = ensemble_of(per_example, worst_of["ensemble-worst"])
-    for name in worst_of:
+    for name, members in worst_of.items():
+        per_example[name] = ensemble_of(per_example, members)
         log(f"  {COLUMN_TITLES[name]:>10}: {per_example[name].float().mean().item():.2%}")
     return {"applied": True, "columns": [name + "-tm" for name in run], "worst_case_of": worst_of,
             "beta_atk": list(betas)}
 
 
-# =============================================================================================
-# Black-box attacks (FSR Table 3)
-# =============================================================================================
-
-
-def check_compatible(source, model, path: str) -> None:
-    if source.num_classes != model.num_classes or source.input_shape != model.input_shape:
-        raise ValueError(f"--transfer-source {path!r} has {source.num_classes} classes and input "
-                         f"{source.input_shape}; the target has {model.num_classes} and {model.input_shape}")
-
+# ==== Black-box attacks (FSR Table 3) ============================================================
 
 def transfer_attacks(source, eps: float, args: Args) -> dict:
-    """x_adv = fn(target, x, y), crafted on `source` only (the target is used only to judge): FSR
-    Table 3's TI-FGSM (one step, Dong et al. 2019) and DI-FGSM (iterative DI^2-FGSM, Xie et al. 2019),
-    and with --ti-iterative TI-I-FGSM."""
-    rate, interpolation = (attacks.DI_SHRINK_RATE, "bilinear") if args.di_shrink else (attacks.DI_RESIZE_RATE, "nearest")
+    """x_adv = fn(target, x, y), crafted on `source` only: FSR Table 3's TI-FGSM (one step, Dong et al.
+    2019) and DI-FGSM (iterative DI^2-FGSM, Xie et al. 2019), and with --ti-iterative TI-I-FGSM."""
+    rate, interpolation = ((attacks.DI_SHRINK_RATE, "bilinear") if args.di_shrink
+                           else (attacks.DI_RESIZE_RATE, "nearest"))
     crafts = {"ti-fgsm": lambda model, x, y: attacks.ti_fgsm(source, x, y, eps, kernel_size=args.ti_kernel),
               "di-fgsm": lambda model, x, y: attacks.di_fgsm(source, x, y, eps, steps=args.di_steps, prob=args.di_prob,
                                                              resize_rate=rate, interpolation=interpolation)}
@@ -709,8 +562,7 @@ def transfer_settings(args: Args) -> dict:
 
 
 def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, log) -> tuple[dict, float]:
-    """NAttack on its own seeded class-balanced sample of the full test split. Accuracy = clean-
-    correct and not broken within the budget; query statistics over the broken clean-correct ones."""
+    """NAttack on its own seeded class-balanced sample of the full test split (FSR Table 3)."""
     started = time.time()
     indices = balanced_subset(y_all, args.nattack_examples, num_classes, args.nattack_seed)
 
@@ -722,12 +574,10 @@ def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, l
         with torch.no_grad():  # x_adv is what NAttack queried last: success == misclassified
             broken = attacks.logits_of(model(x_adv)).argmax(1) != yb
         return correct.cpu(), broken.cpu(), used.cpu()
-
     parts = attack_batches(model, attack, x_all[indices], y_all[indices], args, "nattack", log,
                            keep=lambda out, yb: out, batch_size=args.nattack_batch_size)
     correct, broken, queries = (torch.cat(column) for column in zip(*parts))
-    robust = correct & ~broken
-    attacked = correct & broken
+    robust, attacked = correct & ~broken, correct & broken
     spent = queries[attacked].float()
     result = {"indices": indices.tolist(), "accuracy": robust.float().mean().item(),
               "natural": correct.float().mean().item(), "per_example": robust.int().tolist(),
@@ -740,18 +590,10 @@ def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, l
     return result, time.time() - started
 
 
-# =============================================================================================
 # CIFS's own AutoAttack protocol (CIFS appendix B.1 and C; Tables B.1 and C.1)
-# =============================================================================================
-
-
 def run_autoattack_cifs(model, x_all, y_all, num_classes: int, args: Args, eps: float, log,
                         **budget) -> tuple[dict, float]:
-    """The CIFS authors' AutoAttack (attacks.autoattack_cifs: APGD-CE with 5 restarts, then Square
-    with 5,000 queries, both climbing CE(final) + (2 / L_c) sum_l CE(p_l)) on its own seeded
-    class-balanced sample of the full test split (2,000 images, 200 per class, by default: "we
-    sample 2000 images (200 per class)"); the standard AutoAttack column is unaffected. On models
-    without heads the loss is plain CE; on FSR models it includes h(f+) and h(f~-) (as --adaptive).
+    """The CIFS authors' AutoAttack on its own class-balanced sample ("we sample 2000 images (200 per class)").
     `budget`: smaller n_restarts / n_iter / n_queries (tests only; the CLI uses the authors')."""
     started = time.time()
     indices = balanced_subset(y_all, args.autoattack_cifs_examples, num_classes, args.subset_seed)
@@ -762,15 +604,14 @@ def run_autoattack_cifs(model, x_all, y_all, num_classes: int, args: Args, eps: 
     def attack(model, xb, yb):
         return attacks.autoattack_cifs(model, xb, yb, eps, loss, seed=args.seed, batch_size=args.batch_size,
                                        progress=show_progress, **budget)
-
     natural, _ = run_attack(model, lambda m, xb, yb: xb, x, y, args, "autoattack-cifs natural", log)
     verdicts, _, warnings = run_autoattack(model, attack, x, y, args, "autoattack-cifs", log)
     result = {"indices": indices.tolist(), "accuracy": verdicts["final"].float().mean().item(),
               "natural": natural["final"].float().mean().item(), "per_example": verdicts["final"].int().tolist(),
-              "natural_per_example": natural["final"].int().tolist(),
-              "warnings": warnings,
+              "natural_per_example": natural["final"].int().tolist(), "warnings": warnings,
               "protocol": {"attacks": ["apgd-ce", "square"], "apgd_restarts": budget.get("n_restarts", 5),
-                           "apgd_iterations": budget.get("n_iter", 100), "square_queries": budget.get("n_queries", 5000),
+                           "apgd_iterations": budget.get("n_iter", 100),
+                           "square_queries": budget.get("n_queries", 5000),
                            "loss": f"CE(final) + ({CIFS_AUTOATTACK_BETA} / L) sum_l CE(head_l)", "beta": 2.0,
                            "square_loss": "-(joint loss), as the authors' Square (standard AutoAttack: margin)",
                            "examples": len(y), "subset_seed": args.subset_seed, "seed": args.seed}}
@@ -779,27 +620,21 @@ def run_autoattack_cifs(model, x_all, y_all, num_classes: int, args: Args, eps: 
     return result, time.time() - started
 
 
-# =============================================================================================
-# FSR feature analysis (FSR Table 5)
-# =============================================================================================
-
+# ==== FSR feature analysis (FSR Table 5) =========================================================
 
 @contextlib.contextmanager
 def fsr_output(model: nn.Module, output: str):
-    """Every FSR module passes on `output` (robust f+, non_robust f-, recalibrated f~-, or full f~,
-    the method) for the duration of the block (FSR Table 5), through a forward hook that replaces
-    the module's output by that feature, computed as FSR.forward computes it (§3.1-3.2); the heads
-    are the module's own. The module itself is untouched; the hooks are removed on exit."""
+    """In the block every FSR module passes on `output` (FSR_OUTPUTS; FSR Table 5), computed as FSR.forward
+    computes it (§3.1-3.2), through a forward hook: the module itself is untouched, its heads are its own."""
     def replace(module, inputs, result):
         feature, heads = inputs[0], result[1]
-        robust, non_robust = heads["mask"] * feature, (1 - heads["mask"]) * feature
         if output == "robust":
-            return robust, heads
-        if output == "non_robust":
-            return non_robust, heads
-        return non_robust + (1 - heads["mask"]) * module.recalibration(non_robust), heads  # f~- = f- + m- R(f-)
-
-    modules = [m for m in model.modules() if isinstance(m, FSR)] if output != "full" else []
+            return heads["mask"] * feature, heads
+        non_robust = (1 - heads["mask"]) * feature
+        if output == "recalibrated":  # f~- = f- + m- R(f-)
+            return non_robust + (1 - heads["mask"]) * module.recalibration(non_robust), heads
+        return non_robust, heads
+    modules = modules_of(model, FSR) if output != "full" else []
     hooks = [m.register_forward_hook(replace, prepend=True) for m in modules]  # before any other hook
     try:
         yield
@@ -809,12 +644,10 @@ def fsr_output(model: nn.Module, output: str):
 
 
 def fsr_analysis(model, run_args, args: Args, eps: float, x, y, done: dict, log) -> tuple[dict, float]:
-    """FSR Table 5 (§4.3). (a) With f+, f-, f~- or f~ passed on by every FSR module (attack and
-    verdict both see the replaced feature): per example Natural, FGSM, PGD-20, PGD-100, C&W
-    (beta_atk 0), their Ensemble (Eq. 6) and AutoAttack (--aa-version); f~'s row reuses the main
-    table's verdicts where it ran them. (b) Weighted k-NN of each feature (knn_report)."""
+    """FSR Table 5 (§4.3). (a) The TABLE5_COLUMNS and their Ensemble (Eq. 6) with each of f+, f-, f~-, f~
+    passed on (fsr_output; f~'s row reuses the main table's verdicts). (b) Weighted k-NN (knn_report)."""
     started = time.time()
-    modules = [m for m in model.modules() if isinstance(m, FSR)]
+    modules = modules_of(model, FSR)
     outputs, reused = {}, []
     if not modules:
         log("  --fsr-analysis: no FSR module in this model, only the k-NN part applies")
@@ -840,9 +673,8 @@ def fsr_analysis(model, run_args, args: Args, eps: float, x, y, done: dict, log)
                            "per_example": {name: v.int().tolist() for name, v in verdicts.items()}}
         log(f"  Table 5 (a), {FEATURE_NAMES[output]} passed on: " +
             ", ".join(f"{COLUMN_TITLES[n]} {a:.2%}" for n, a in outputs[output]["accuracy"].items()))
-    knn = knn_report(model, run_args, args, eps, x, y, log)
-    return {"outputs": outputs, "columns": [*TABLE5_COLUMNS, "ensemble"], "beta_atk": "0",
-            "reused_from_table": reused, "knn": knn}, time.time() - started
+    return {"outputs": outputs, "columns": [*TABLE5_COLUMNS, "ensemble"], "beta_atk": "0", "reused_from_table": reused,
+            "knn": knn_report(model, run_args, args, eps, x, y, log)}, time.time() - started
 
 
 @torch.no_grad()
@@ -855,12 +687,9 @@ def features_of(model, x, args: Args) -> torch.Tensor:
 
 @torch.no_grad()
 def fsr_features(model, x, args: Args) -> dict:
-    """{feature: pooled features (N x C, CPU)} at the deepest FSR module (the last to run in the
-    forward; the papers have one), from the model's own forward (f~ passed on): "input" f,
-    "robust" f+ = m f, "non_robust" f- = (1 - m) f, "recalibrated" f~- (models with R) and "full"
-    f~, each global-average pooled (the pooling of FSR's own head h, fsr.pool). Models without FSR:
-    {"penultimate": the pooled feature that enters the classifier}."""
-    modules = [m for m in model.modules() if isinstance(m, FSR)]
+    """{feature: N x C on the CPU} at the deepest FSR module (FEATURE_NAMES), each pooled as FSR's head h;
+    models without FSR: {"penultimate": the pooled feature that enters the classifier}."""
+    modules = modules_of(model, FSR)
     if not modules:
         return {"penultimate": features_of(model, x, args)}
     captured = {}
@@ -873,7 +702,6 @@ def fsr_features(model, x, args: Args) -> dict:
             maps["recalibrated"] = passed_on - maps["robust"]  # f~ = f+ + f~- (FSR §3.2)
         captured.clear()  # the deepest module runs last and wins
         captured.update({name: fsr_pool(value).float().cpu() for name, value in maps.items()})
-
     hooks = [m.register_forward_hook(capture) for m in modules]
     device = next(model.parameters()).device
     parts = []
@@ -901,12 +729,8 @@ def knn_predict(query: torch.Tensor, reference: torch.Tensor, labels: torch.Tens
 
 
 def knn_report(model, run_args, args: Args, eps: float, x, y, log) -> dict:
-    """FSR Table 5 (b): for each feature, the weighted k-NN accuracy (k = 5, 20) of the test points'
-    feature among the same feature of natural training images ("we embed each feature among the
-    features of natural images"). Queries: the adversarial test points (the table's PGD-20 against
-    the deployed model, f~ passed on: every feature comes from the same attacked forward) and,
-    for reference, the natural ones. The training split is the reference unless
-    --knn-train-examples picks a class-balanced subset (seed --subset-seed)."""
+    """FSR Table 5 (b): per feature, the k-NN accuracy of the test points, natural and after the table's PGD-20,
+    among the same feature of natural training images ("we embed each feature among the features of natural images")."""
     info = dataset_info(run_args.dataset)
     x_train, y_train = load_split(run_args, args.data_root, train=True)
     chosen = torch.arange(len(y_train)) if args.knn_train_examples is None else \
@@ -933,62 +757,33 @@ def adversarial_examples(model, fn, x, y, args: Args, label: str, log) -> torch.
     return torch.cat(attack_batches(model, fn, x, y, args, label, log, keep=lambda x_adv, yb: x_adv.cpu()))
 
 
-# =============================================================================================
-# Gradient-masking report (FSR appendix C)
-# =============================================================================================
-
-
-def attacked_accuracy(model, fn, x, y, args: Args, label: str, log) -> float:
-    """Accuracy of any model (logits or (logits, aux)) on fn's x_adv."""
-    @torch.no_grad()
-    def correct(x_adv, yb):
-        return (attacks.logits_of(model(x_adv)).argmax(1) == yb).sum().item()
-    return sum(attack_batches(model, fn, x, y, args, label, log, keep=correct)) / len(y)
-
-
-def reusable_for_masking(done: dict, args: Args) -> dict:
-    """{(column, view): accuracy} of the table's FGSM and PGD-20 at beta_atk 0 that the masking
-    report may reuse: only when they ran its own protocol (from x, one restart)."""
-    if args.random_start or args.restarts != 1:
-        return {}
-    return {(name, view): verdicts["final"].float().mean().item()
-            for (name, beta, view), verdicts in done.items() if name in ("fgsm", "pgd20") and beta == "0"}
-
+# ==== Gradient-masking report (FSR appendix C) ===================================================
 
 def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=None, known: dict | None = None,
-                   dataset: str | None = None, steps=MASKING_STEPS,
-                   eps_factors=MASKING_EPS_FACTORS) -> tuple[dict, float]:
-    """FSR appendix C's criteria as PASS / FAIL lines: accuracy non-increasing in PGD steps and in
-    eps, an unbounded attack reaching 0 %, FGSM (one step) not stronger than PGD-20 (iterative), all
-    on CE from x, with the strongest attack available for the model: through the mask for CIFS
-    models, the standard one otherwise (the report says which).
-
-    CIFS models also get `through_mask_gap`: FAIL when the standard PGD-20 accuracy is well above
-    (more than MASK_GAP_THRESHOLD and more than one example) the through-the-mask one, i.e. the
-    papers' attacks overstate the model's robustness. AutoAttack's warnings (when it ran) are a
-    check, except its dynamic-defence flag on a CIFS model: CIFS computes a gradient inside its
-    forward by design (its mask), so that flag is reported as a note, not a FAIL.
-
-    `known`: {(column, view): accuracy} of the table's FGSM / PGD-20 on the same points and settings
-    (reusable_for_masking), used instead of running them again. `dataset`: the checkpoint's (the
-    PGD-20 step is the table's). `steps` / `eps_factors`: shorter sweeps (tests)."""
+                   dataset: str | None = None, steps=MASKING_STEPS, eps_factors=MASKING_EPS_FACTORS) -> tuple:
+    """FSR appendix C's criteria as PASS / FAIL lines (docs/evaluation.md), on CE from x, with the strongest attack
+    for the model (through the mask for CIFS models). `known`: {(column, view): accuracy} not run again.
+    `dataset`: the checkpoint's (the table's PGD-20 step). `steps` / `eps_factors`: shorter sweeps (tests)."""
     started = time.time()
     known, reused, notes = known or {}, [], []
     tolerance = max(MASKING_TOLERANCE, 1 / len(y))
-    cifs_model = has_cifs(model)
+    cifs_model = bool(modules_of(model, CIFS))
     strongest = THROUGH_MASK if cifs_model else STANDARD
     pgd20_step = step_sizes(dataset or "", eps)["pgd20"]
 
     def pgd(budget, step, n):
         return lambda m, xb, yb: attacks.pgd(m, xb, yb, budget, step, n, random_start_kind=None)
 
+    @torch.no_grad()
+    def correct(x_adv, yb):  # any model: logits or (logits, aux)
+        return (attacks.logits_of(model(x_adv)).argmax(1) == yb).sum().item()
+
     def accuracy(fn, label: str, view: str = strongest, column: str | None = None) -> float:
         if (column, view) in known:
             reused.append(f"{column} ({view})")
             return known[(column, view)]
         with attack_view(model, view):
-            return attacked_accuracy(model, fn, x, y, args, f"masking {label} ({view})", log)
-
+            return sum(attack_batches(model, fn, x, y, args, f"masking {label} ({view})", log, keep=correct)) / len(y)
     fgsm = accuracy(lambda m, xb, yb: attacks.fgsm(m, xb, yb, eps), "FGSM", column="fgsm")
     pgd20 = accuracy(pgd(eps, pgd20_step, 20), "PGD-20", column="pgd20")
     by_steps = {n: accuracy(pgd(eps, 2.5 * eps / n, n), f"PGD-{n}") for n in steps}
@@ -1000,32 +795,25 @@ def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=N
 
     def non_increasing(values):
         return all(b <= a + tolerance for a, b in zip(values, values[1:]))
-
-    checks = {
-        "steps": non_increasing(list(by_steps.values())),
-        "eps": non_increasing(list(by_eps.values())),
-        "unbounded": unbounded == 0.0,
-        "one_step_vs_iterative": pgd20 <= fgsm,
-    }
-    lines = {
-        "steps": "accuracy non-increasing in PGD steps " + str({n: round(a, 4) for n, a in by_steps.items()}),
-        "eps": "accuracy non-increasing in eps " + str({b: round(a, 4) for b, a in by_eps.items()}),
-        "unbounded": f"unbounded attack (eps 1, 100 steps of 0.05) reaches 0 %: {unbounded:.2%}",
-        "one_step_vs_iterative": f"FGSM {fgsm:.2%} >= PGD-20 {pgd20:.2%}",
-    }
+    checks = {"steps": non_increasing(list(by_steps.values())), "eps": non_increasing(list(by_eps.values())),
+              "unbounded": unbounded == 0.0, "one_step_vs_iterative": pgd20 <= fgsm}
+    lines = {"steps": "accuracy non-increasing in PGD steps " + str({n: round(a, 4) for n, a in by_steps.items()}),
+             "eps": "accuracy non-increasing in eps " + str({b: round(a, 4) for b, a in by_eps.items()}),
+             "unbounded": f"unbounded attack (eps 1, 100 steps of 0.05) reaches 0 %: {unbounded:.2%}",
+             "one_step_vs_iterative": f"FGSM {fgsm:.2%} >= PGD-20 {pgd20:.2%}"}
     gap = None
     if cifs_model:
         standard = accuracy(pgd(eps, pgd20_step, 20), "PGD-20", STANDARD, "pgd20")
         gap = {"standard_pgd20": standard, "through_mask_pgd20": pgd20, "threshold": MASK_GAP_THRESHOLD}
         well_above = standard - pgd20 > MASK_GAP_THRESHOLD + 1e-9 and round((standard - pgd20) * len(y)) > 1
-        checks["through_mask_gap"] = not well_above
+        checks["through_mask_gap"] = not well_above  # the papers' attacks overstate its robustness
         lines["through_mask_gap"] = (
             f"standard PGD-20 {standard:.2%} is not well above PGD-20 through the mask {pgd20:.2%} "
             f"(threshold {100 * MASK_GAP_THRESHOLD:g} points)" if checks["through_mask_gap"] else
             f"standard PGD-20 {standard:.2%} is {100 * (standard - pgd20):.2f} points above PGD-20 through the "
             f"mask {pgd20:.2%} (threshold {100 * MASK_GAP_THRESHOLD:g} points): the papers' attacks, which treat "
             "the mask as a constant, overstate this model's robustness; quote the worst-case columns")
-    if aa_warnings is not None:
+    if aa_warnings is not None:  # CIFS computes a gradient in its forward by design: that flag is only a note
         expected = [w for w in aa_warnings if cifs_model and "dynamic defense" in w]
         others = [w for w in aa_warnings if w not in expected]
         checks["autoattack_warnings"] = not others
@@ -1042,29 +830,16 @@ def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=N
     report = {"attack": strongest, "steps": {str(n): a for n, a in by_steps.items()}, "step_size": "2.5 eps / steps",
               "eps": by_eps, "eps_attack": "PGD-20, step eps/10", "unbounded": unbounded, "fgsm": fgsm,
               "pgd20": pgd20, "pgd20_step": pgd20_step, "through_mask_gap": gap, "tolerance": tolerance,
-              "autoattack_warnings": aa_warnings, "notes": notes, "reused_from_table": reused,
-              "lines": {name: lines[name] for name in checks},
+              "autoattack_warnings": aa_warnings, "notes": notes, "reused_from_table": reused, "lines": lines,
               "checks": {name: "PASS" if passed else "FAIL" for name, passed in checks.items()},
               "passed": all(checks.values())}
     return report, time.time() - started
 
 
-# =============================================================================================
-# CIFS channel analysis (CIFS appendix A.1, Fig. 1/3/A.2)
-# =============================================================================================
-
-
-def last_linear(model) -> nn.Linear:
-    """The last Linear layer of `model.classifier` (itself for ResNets / WRN / smallcnn; VGG's
-    classifier is an MLP, whose last Linear weighs hidden units rather than feature channels)."""
-    if isinstance(model.classifier, nn.Linear):
-        return model.classifier
-    return [m for m in model.classifier.modules() if isinstance(m, nn.Linear)][-1]
-
+# ==== CIFS channel analysis (CIFS appendix A.1, Fig. 1/3/A.2) ====================================
 
 def channel_statistics(features: torch.Tensor) -> dict:
-    """Per channel: mean |activation| normalised by its maximum over channels, and the fraction of
-    images in which the activation exceeds 1 % of the largest activation of the group."""
+    """Per channel: normalised mean |activation|, and how often it exceeds 1 % of the group's largest."""
     magnitude = features.abs().mean(0)
     threshold = 0.01 * features.abs().max()
     return {"magnitude": (magnitude / magnitude.max().clamp_min(1e-12)).tolist(),
@@ -1072,13 +847,13 @@ def channel_statistics(features: torch.Tensor) -> dict:
 
 
 def channel_analysis(model, pgd20, x, y, num_classes: int, args: Args, log) -> tuple[dict, float]:
-    """Per class c: channels ordered by the class's last-layer weights (largest first), and for
-    natural and PGD-20 images of class c the normalised mean magnitude and activation frequency
-    per channel, in that order."""
+    """Per class c: channels ordered by the class's last-layer weights (largest first), and the
+    channel_statistics of natural and PGD-20 images of class c in that order."""
     started = time.time()
     x_adv = adversarial_examples(model, pgd20, x, y, args, "channel PGD-20", log)
     natural, adversarial = features_of(model, x, args), features_of(model, x_adv, args)
-    weights = last_linear(model).weight.detach().float().cpu()
+    # The classifier's last Linear: itself for ResNets / WRN / smallcnn; VGG's classifier is an MLP.
+    weights = modules_of(model.classifier, nn.Linear)[-1].weight.detach().float().cpu()
     if weights.shape[1] != natural.shape[1]:
         raise ValueError(f"last Linear has {weights.shape[1]} inputs but the features have {natural.shape[1]} channels")
     per_class = {}
@@ -1097,21 +872,15 @@ def channel_analysis(model, pgd20, x, y, num_classes: int, args: Args, log) -> t
             "order": "descending last-layer weight of the class"}, time.time() - started
 
 
-# =============================================================================================
-# Reporting
-# =============================================================================================
-
+# ==== Reporting and output =======================================================================
 
 def column_accuracy(name: str, per_example: dict, sweep: dict) -> float:
     """A column's accuracy: the minimum over beta_atk when swept (Table B.3), else the mean."""
-    if name in sweep:
-        return min(sweep[name].values())
-    return per_example[name].float().mean().item()
+    return min(sweep[name].values()) if name in sweep else per_example[name].float().mean().item()
 
 
 def protocol(args: Args, run_args, eps: float, betas, cifs_model: bool, precision: str = "fp32") -> dict:
-    """The attack settings of a result; `precision` as models.set_tf32 describes it ("fp32" on the CPU,
-    "fp32 (TF32 convolutions allowed)" on a GPU by default, "strict fp32" with --strict-fp32)."""
+    """The attack settings of a result; `precision` as run_support.set_tf32 describes it."""
     steps = step_sizes(run_args.dataset, eps)
     return {"epsilon": eps, "norm": "Linf", "mode": "eval", "precision": precision,
             "random_start": args.random_start, "restarts": args.restarts,
@@ -1122,12 +891,12 @@ def protocol(args: Args, run_args, eps: float, betas, cifs_model: bool, precisio
             "autoattack": {"version": args.aa_version, "attacks": args.aa_attacks,
                            "package": "pyautoattack (PyPI repackaging of fra31/auto-attack, attack code identical)"},
             "adaptive_betas": list(betas), "n_examples": args.n_examples, "subset_seed": args.subset_seed,
-            "seed": args.seed,
-            "through_mask": (not args.no_through_mask) if cifs_model else None,
+            "seed": args.seed, "through_mask": (not args.no_through_mask) if cifs_model else None,
             "transfer_source": args.transfer_source,
             "nattack": {"examples": args.nattack_examples, "seed": args.nattack_seed, "queries": args.nattack_queries,
                         "population": args.nattack_population} if args.nattack else None,
-            "autoattack_cifs": {"examples": args.autoattack_cifs_examples, "beta": 2.0} if args.autoattack_cifs else None,
+            "autoattack_cifs": ({"examples": args.autoattack_cifs_examples, "beta": 2.0}
+                                if args.autoattack_cifs else None),
             "knn": {"k": list(KNN_K), "temperature": KNN_TEMPERATURE, "train_examples": args.knn_train_examples}
             if args.fsr_analysis else None}
 
@@ -1142,14 +911,8 @@ def versions() -> dict:
     return found
 
 
-# =============================================================================================
-# Output
-# =============================================================================================
-
-
 def configuration(result: dict) -> str:
-    """What a checkpoint is, without its seed and bookkeeping (BOOKKEEPING), as a JSON key: the
-    method, the run's settings, and which checkpoint of the run (last.pt, best.pt)."""
+    """What a checkpoint is (method, settings but BOOKKEEPING, last.pt or best.pt), as a JSON key."""
     run = {key: value for key, value in result["run"].items() if key not in BOOKKEEPING}
     run["warm_start"] = bool(result["run"].get("init_from"))
     return json.dumps({"method": result["method"], "file": os.path.basename(result["checkpoint"]), "run": run},
@@ -1157,8 +920,7 @@ def configuration(result: dict) -> str:
 
 
 def seed_groups(results: list) -> list:
-    """[[indices into results]] of configurations evaluated with two or more distinct seeds, in
-    order of first appearance."""
+    """[[indices into results]] of configurations evaluated with two or more distinct seeds."""
     groups: dict = {}
     for index, result in enumerate(results):
         if not result["run"].get("official"):  # an official file has no seed of ours
@@ -1168,8 +930,7 @@ def seed_groups(results: list) -> list:
 
 
 def seed_summary(results: list, members: list) -> dict:
-    """Mean and sample standard deviation (n - 1) over the seeds of one configuration, per column
-    that every seed has."""
+    """Mean and sample standard deviation over the seeds of one configuration, per column all have."""
     chosen = [results[i] for i in members]
     columns = [c for c in chosen[0]["accuracy"] if all(c in r["accuracy"] for r in chosen)]
     values = {c: [r["accuracy"][c] for r in chosen] for c in columns}
@@ -1179,16 +940,14 @@ def seed_summary(results: list, members: list) -> dict:
             "std": {c: statistics.stdev(v) for c, v in values.items()}, "std_kind": "sample (n - 1)"}
 
 
-def run_folder(result: dict) -> str:
-    """The folder of a result's checkpoint (its run name)."""
-    return os.path.basename(os.path.dirname(os.path.abspath(result["checkpoint"]))) or "model"
+def run_folder(path: str) -> str:
+    """The folder of a checkpoint (its run name)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
 
 
 def result_name(path: str) -> str:
-    """The stem of a checkpoint's outputs: its run folder and its file, e.g. fsr_cifar10_..._seed0_last
-    (last.pt and best.pt of one run are two results)."""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
-    return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
+    """The stem of a checkpoint's outputs: its run folder and its file, e.g. fsr_cifar10_..._seed0_last."""
+    return f"{run_folder(path)}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
 def result_names(paths: list) -> list:
@@ -1209,11 +968,9 @@ def row_name(run: dict, method: str) -> str:
 
 
 def markdown_table(results: list, summaries: list | None = None) -> str:
-    """One row per checkpoint (its run folder, what it is, its seed); after the rows of a
-    configuration evaluated with several seeds, its mean ± std row (summaries: (members,
-    seed_summary) pairs)."""
+    """One row per checkpoint; after the seeds of a configuration, its mean ± std row (summaries' pairs)."""
     summaries = summaries or []
-    columns = [c for c in TABLE_ORDER if any(c in r["accuracy"] for r in results)]
+    columns = [c for c in COLUMN_TITLES if any(c in r["accuracy"] for r in results)]  # in the table's order
     lines = ["| model | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     group_of = {i: group for group in summaries for i in group[0]}
@@ -1223,24 +980,24 @@ def markdown_table(results: list, summaries: list | None = None) -> str:
             continue
         members, summary = group_of.get(index, ([index], None))
         for i in members:
-            cells = [f"{100 * results[i]['accuracy'][c]:.2f}" if c in results[i]["accuracy"] else "" for c in columns]
-            run = results[i]["run"]
-            checkpoint = f"{run_folder(results[i])}/{os.path.basename(results[i]['checkpoint'])}"
+            result, run = results[i], results[i]["run"]
+            cells = [f"{100 * result['accuracy'][c]:.2f}" if c in result["accuracy"] else "" for c in columns]
+            checkpoint = f"{run_folder(result['checkpoint'])}/{os.path.basename(result['checkpoint'])}"
             seed = "" if run.get("official") else f", seed {run['seed']}"
-            name = f"{checkpoint}: {row_name(run, results[i]['method'])}{seed}, {len(results[i]['labels'])} images"
+            name = f"{checkpoint}: {row_name(run, result['method'])}{seed}, {len(result['labels'])} images"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             written.add(i)
         if summary is not None:
             cells = [f"{100 * summary['mean'][c]:.2f} ± {100 * summary['std'][c]:.2f}" if c in summary["mean"] else ""
                      for c in columns]
             seeds = ", ".join(str(seed) for seed in summary["seeds"])
-            lines.append(f"| {row_name(r['run'], r['method'])}, mean ± std (seeds {seeds}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {row_name(r['run'], r['method'])}, mean ± std (seeds {seeds}) | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def new_figure(columns: int, rows: int = 1, size: tuple = (4.0, 3.2)):
-    """A matplotlib Figure with a grid of axes, or None when matplotlib is not installed. The
-    object-oriented API (no pyplot): no global figure state, no display backend needed."""
+    """A matplotlib Figure (no pyplot: no global state, no backend) and its axes; None without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -1250,26 +1007,20 @@ def new_figure(columns: int, rows: int = 1, size: tuple = (4.0, 3.2)):
 
 
 def plot_masking_report(report: dict, path: str) -> bool:
-    """FSR appendix C as three panels: accuracy vs PGD steps, accuracy vs eps, and FGSM / PGD-20 /
-    unbounded; each titled with its PASS / FAIL. False when matplotlib is missing."""
+    """FSR appendix C: accuracy vs PGD steps, vs eps, and FGSM / PGD-20 / unbounded. False without matplotlib."""
     figure, axes = new_figure(3)
     if figure is None:
         return False
     checks = report["checks"]
-    steps, by_steps = [int(n) for n in report["steps"]], list(report["steps"].values())
-    axes[0, 0].plot(steps, [100 * a for a in by_steps], "o-")
-    axes[0, 0].set(xscale="log", xlabel="PGD steps (step 2.5 eps / steps)", ylabel="robust accuracy (%)",
-                   title=f"steps: {checks['steps']}")
-    budgets, by_eps = [255 * float(b) for b in report["eps"]], list(report["eps"].values())
-    axes[0, 1].plot(budgets, [100 * a for a in by_eps], "o-")
-    axes[0, 1].set(xscale="log", xlabel="eps (x 1/255), PGD-20", ylabel="robust accuracy (%)",
-                   title=f"eps: {checks['eps']}")
-    names = ["FGSM", "PGD-20", "unbounded"]
-    axes[0, 2].bar(names, [100 * report["fgsm"], 100 * report["pgd20"], 100 * report["unbounded"]])
-    axes[0, 2].set(ylabel="robust accuracy (%)", title=f"one-step {checks['one_step_vs_iterative']}, "
-                   f"unbounded {checks['unbounded']}")
+    panels = {"steps": ([int(n) for n in report["steps"]], "PGD steps (step 2.5 eps / steps)"),
+              "eps": ([255 * float(b) for b in report["eps"]], "eps (x 1/255), PGD-20")}
+    for ax, (key, (xs, xlabel)) in zip(axes[0], panels.items()):
+        ax.plot(xs, [100 * a for a in report[key].values()], "o-")
+        ax.set(xscale="log", xlabel=xlabel, title=f"{key}: {checks[key]}")
+    axes[0, 2].bar(["FGSM", "PGD-20", "unbounded"], [100 * report[key] for key in ("fgsm", "pgd20", "unbounded")])
+    axes[0, 2].set(title=f"one-step {checks['one_step_vs_iterative']}, unbounded {checks['unbounded']}")
     for ax in axes[0]:
-        ax.set_ylim(0, 100)
+        ax.set(ylim=(0, 100), ylabel="robust accuracy (%)")
         ax.grid(alpha=0.3)
     figure.suptitle(f"gradient-masking report (attacks {report.get('attack', STANDARD)}): "
                     + ("all checks PASS" if report["passed"] else "a check FAILS"))
@@ -1278,9 +1029,7 @@ def plot_masking_report(report: dict, path: str) -> bool:
 
 
 def plot_channel_analysis(analysis: dict, path: str, max_classes: int = 10) -> bool:
-    """CIFS Fig. 1/3/A.2: for each class (the first `max_classes`), the normalised channel
-    magnitude (top row) and activation frequency (bottom row) of natural and PGD-20 images, with
-    channels in the order of the class's last-layer weights. False when matplotlib is missing."""
+    """CIFS Fig. 1/3/A.2 of the first `max_classes` classes, natural and PGD-20. False without matplotlib."""
     classes = list(analysis["classes"].items())[:max_classes]
     per_row = min(5, len(classes))
     figure, axes = new_figure(per_row, 2 * math.ceil(len(classes) / per_row), size=(3.2, 2.4))
@@ -1297,7 +1046,8 @@ def plot_channel_analysis(analysis: dict, path: str, max_classes: int = 10) -> b
             ax.set(ylim=(0, 1.02), title=f"class {label}: {stat}",
                    xlabel="channel (by descending weight)" if offset else None)
     axes[0, 0].legend(fontsize="small")
-    shown = f"first {len(classes)} of {len(analysis['classes'])} classes, " if len(analysis["classes"]) > len(classes) else ""
+    total = len(analysis["classes"])
+    shown = f"first {len(classes)} of {total} classes, " if total > len(classes) else ""
     figure.suptitle(f"channel analysis ({shown}{analysis['channels']} channels; weights of {analysis['weights_of']})")
     figure.savefig(path, dpi=100)
     return True
@@ -1314,8 +1064,7 @@ def write_plots(result: dict, stem: str) -> list:
 
 
 def write_result(result: dict, out: str, name: str, log=print) -> None:
-    """<name>.json (everything), <name>.csv (one row per example) and the plots of its analyses; the
-    JSON is written first and atomically, as soon as the checkpoint is done."""
+    """<name>.json (first, atomically), <name>.csv (one row per example) and the plots of its analyses."""
     stem = os.path.join(out, name)
     write_text_atomically(stem + ".json", json.dumps(result, indent=1, sort_keys=True))
     with open(stem + ".csv", "w", newline="") as file:
@@ -1329,27 +1078,21 @@ def write_result(result: dict, out: str, name: str, log=print) -> None:
         log("matplotlib is not installed: no plots drawn (the data are in the JSON; pip install matplotlib)")
 
 
-def results_in(out: str) -> list:
-    """Every result JSON in the folder `out` (written by write_result), in the order written."""
-    found = []
+def write_tables(out: str) -> str:
+    """table.md (returned) and summary.json of every result in the folder, this call's and earlier ones."""
+    results = []  # every result JSON in the folder (written by write_result), in the order written
     for name in sorted(os.listdir(out), key=lambda name: (os.path.getmtime(os.path.join(out, name)), name)):
         if name.endswith(".json") and name != "summary.json":
             with open(os.path.join(out, name)) as file:
                 result = json.load(file)
             if isinstance(result, dict) and {"checkpoint", "accuracy", "run"} <= set(result):
-                found.append(result)
-    return found
-
-
-def write_tables(out: str) -> str:
-    """table.md and summary.json of every result in the folder (this call's and earlier ones): one
-    row per checkpoint, a mean ± std row per configuration evaluated with several seeds, and the
-    protocol of each column. Returns the table."""
-    results = results_in(out)
+                results.append(result)
     summaries = [(members, seed_summary(results, members)) for members in seed_groups(results)]
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump({"seed_groups": [summary for _, summary in summaries]}, file, indent=1, sort_keys=True)
-    table = markdown_table(results, summaries) + protocol_notes(results)
+    # What each column ran, once per distinct protocol: a number is never read without its attack.
+    notes = dict.fromkeys(describe_protocol(r["protocol"], r["run"]["dataset"], r["accuracy"]) for r in results)
+    table = markdown_table(results, summaries) + "\n" + "\n".join(notes) + "\n"
     with open(os.path.join(out, "table.md"), "w") as file:
         file.write(table)
     return table
@@ -1363,44 +1106,25 @@ def write_outputs(results: list, out: str, log=print) -> None:
     write_tables(out)
 
 
-def protocol_notes(results: list) -> str:
-    """What each attack column ran (steps and step size, restarts, start), once per distinct
-    protocol among the results, so that a number is never read without its attack."""
-    lines = []
-    for text in dict.fromkeys(describe_protocol(r["protocol"], r["run"]["dataset"], r["accuracy"]) for r in results):
-        lines.append(text)
-    return "\n" + "\n".join(lines) + "\n"
-
-
 def describe_protocol(p: dict, dataset: str, columns) -> str:
     """One line: what each of `columns` ran (steps and step size, start, restarts)."""
     start = "uniform random start" if p["random_start"] else "no random start"
     parts = {"fgsm": "FGSM one step of eps",
              "pgd20": f"PGD-20 {p['pgd20']['steps']} steps of {p['pgd20']['step_size']:.4g}",
              "pgd100": f"PGD-100 {p['pgd100']['steps']} steps of {p['pgd100']['step_size']:.4g}",
-             "cw": f"C&W {p['cw']['steps']} steps of {p['cw']['step_size']:.4g} on the margin (kappa {p['cw']['kappa']:g})",
+             "cw": f"C&W {p['cw']['steps']} steps of {p['cw']['step_size']:.4g} on the margin "
+                   f"(kappa {p['cw']['kappa']:g})",
              "ensemble": f"Ensemble: {p['ensemble']}", "autoattack": f"AutoAttack {p['autoattack']['version']}"}
     described = [text for name, text in parts.items() if name in columns]
     if any(name.endswith("-tm") for name in columns):
         described.append("(through mask): the same attacks, the input gradient taken through the CIFS mask; "
                          "Worst-case: per example, the worst of every view")
     return (f"Protocol ({dataset}, eps {p['epsilon']:.4g}, {start}, {p['restarts']} restart(s), eval mode, "
-            f"{p.get('precision', 'fp32')}): "
-            + "; ".join(described))
-
-
-def check_outputs(out: str, names: list, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an earlier result of the same checkpoint in `out`."""
-    existing = [f"{name}.json" for name in names if os.path.exists(os.path.join(out, f"{name}.json"))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
-                              f"to replace {'it' if len(existing) == 1 else 'them'}")
-    check_writable(out, "--out")
+            f"{p.get('precision', 'fp32')}): " + "; ".join(described))
 
 
 def draw_curves(args: Args, log=print) -> str:
-    """--curves: the metrics.jsonl of each run folder (or of the folder of a checkpoint), overlaid in
-    <out>/curves.png (default out: the first run's parent folder)."""
+    """--curves: the metrics.jsonl of each run folder, overlaid in <out>/curves.png."""
     folders = [path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)) for path in args.checkpoints]
     missing = [f for f in folders if not os.path.isfile(os.path.join(f, "metrics.jsonl"))]
     if missing:
@@ -1416,23 +1140,22 @@ def draw_curves(args: Args, log=print) -> str:
     return path
 
 
-def parse_args(argv=None) -> Args:
-    return parse_args_of(Args, argv, __doc__.split("\n\n")[0])
-
-
 def main(argv=None) -> list:
-    args = parse_args(argv)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
     try:
         check_args(args)
         if args.curves:
             draw_curves(args)
             return []
-        evaluation_device(args.device)
-        rank = rank_and_size()[0]
+        rank = init_distributed(pick_device(args.device))[0]
         log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
         names = result_names(args.checkpoints)
-        check_outputs(out, names, args.overwrite)
+        existing = [f"{name}.json" for name in names if os.path.exists(os.path.join(out, f"{name}.json"))]
+        if existing and not args.overwrite:  # never replace an earlier result of the same checkpoint
+            raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
+                                  f"to replace {'it' if len(existing) == 1 else 'them'}")
+        check_writable(out, "--out")
         # Every checkpoint (its file, version, weights, test split) before the first attack runs.
         source = load_source(args)
         prepared = [prepare(path, args, log, source) for path in args.checkpoints]

@@ -13,11 +13,10 @@ Run:
     python fsr.py --resume runs/<run-name>/last.pt             # continue an interrupted run
     torchrun --nproc_per_node=4 fsr.py --dataset cifar10       # data-parallel, one process per GPU
 
-The file reads top to bottom: Args -> the recipe defaults -> the FSR module -> the network that
-hosts it -> losses -> the training step -> checks -> train(), whose epoch loop is all of adversarial
-training -> main(). The machinery around the loop (parsing, checks, checkpoints, run folder,
-torchrun, progress, plots) is run_support.py, the networks models.py, the data data.py. Blocks marked "shared block" are
-identical in cifs.py (tests/test_shared_blocks.py checks it). Speed: benchmarks/speed.py.
+The file reads top to bottom: Args -> the recipe defaults -> the FSR module -> the network that hosts it
+-> losses -> the training step -> checks -> train(), whose epoch loop is all of adversarial training -> main().
+Around it: models.py (networks), data.py, run_support.py and progress.py (plumbing a reader may skip).
+Blocks marked "shared block" are identical in cifs.py (tests/test_shared_blocks.py). Speed: benchmarks/speed.py.
 """
 
 from __future__ import annotations
@@ -35,11 +34,12 @@ import torch.nn.functional as F
 import attacks
 from data import DATASETS, dataset_info
 from models import MODELS, Network, build_model, official_to_ours
-from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, EpochProgress, arg, broadcast_buffers, check_args,
-                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, draw_curves, epoch_summary,
-                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
-                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_banner,
-                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
+from progress import EpochProgress, draw_curves, epoch_summary, run_banner
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, arg, broadcast_buffers, check_args,
+                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, input_shape,
+                         is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
+                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_directory,
+                         run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "fsr"
 

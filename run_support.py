@@ -1,24 +1,21 @@
-"""Run support: the machinery around the training loops of fsr.py and cifs.py, which a reader of
-the methods may skip (CleanRL keeps the same kind of code apart from its single-file scripts, in
-cleanrl_utils). Nothing here is about a method or about adversarial robustness: settings from the
-command line with one-line errors, the table of range checks, device, precision and seeds, atomic
-writes, checkpoints and resume, random-number state, the run folder with its lock and metrics log,
-torchrun helpers, the progress line and the training-curve figure. evaluate.py and
-benchmarks/speed.py use the same pieces. It never receives a method file's function: the method
-files call these pieces in order."""
+"""Run support: the machinery around the training loops of fsr.py and cifs.py, which a reader of the
+methods may skip (as CleanRL keeps cleanrl_utils apart): settings from the command line with one-line
+errors and range checks, device, precision and seeds, atomic writes, checkpoints and resume, torchrun
+helpers, the run folder with its lock and metrics log, and the progress lines. Nothing here is about a
+method; it never receives a method file's function: the method files call these pieces in order."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import random
 import socket
 import sys
-import time
 from dataclasses import field
 
 import numpy as np
@@ -28,19 +25,6 @@ import torch.nn as nn
 
 import attacks
 from data import DeviceLoader, ImageSplit, balanced_subset, dataset_info, load_dataset, split_validation, subset
-from models import count_parameters
-
-# =============================================================================================
-# Part 3. Run support: the machinery around the training loops of fsr.py and cifs.py
-# =============================================================================================
-#
-# Nothing here is about a method or about adversarial robustness: settings from the command line
-# with one-line errors, the table of range checks, device, precision and seeds, atomic writes,
-# checkpoints and resume, random-number state, the run folder with its lock and metrics log,
-# torchrun helpers, the progress line and the training-curve figure. (CleanRL keeps the same kind
-# of code apart from its single-file scripts, in cleanrl_utils.) evaluate.py and
-# benchmarks/speed.py use the same pieces.
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, written by another method or by
@@ -65,10 +49,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def parse_args(args_class, argv=None, description: str = ""):
-    """args_class (a dataclass of `arg` fields) from the command line: kebab-case flags, one help line
-    each, booleans as switches (--x where the default is False, else --x/--no-x; None: "decided later"). A
-    default is shown only where it is a value (a default that depends on the dataset is described
-    in the help). A `positional` field takes one or more values."""
+    """args_class (a dataclass of `arg` fields) from the command line: kebab-case flags, one help line each,
+    booleans as switches (--x where the default is False, else --x/--no-x; None: "decided later"); a
+    `positional` field takes one or more values. Defaults that depend on the dataset are in the help."""
     parser = OneLineErrors(description=description)
     for f in dataclasses.fields(args_class):
         meta = f.metadata
@@ -100,8 +83,8 @@ def int_list(name: str, text: str, length: int | None = None, increasing: bool =
     return values
 
 
-# Range rules: (test, what a value must be). RANGES holds the settings both scripts have; each
-# method file adds its own table. Unset values (None) are skipped.
+# Range rules: (test, what a value must be), for the settings both scripts have (each method file adds
+# its own table; unset values, None, are skipped), and those of the training attack (adversarial only).
 AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
 POSITIVE = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE = (lambda v: v >= 0, "must not be negative")
@@ -112,15 +95,13 @@ RANGES = {
     "mart_beta": NON_NEGATIVE, "fat_omega": NON_NEGATIVE, "log_interval": NON_NEGATIVE,
     "monitor_size": (lambda v: v >= 0, "must not be negative (0: no monitoring)"),
 }
-# ... and those of the training attack, which only an adversarial strategy uses.
 ATTACK_RANGES = {"attack_steps": AT_LEAST_1, "attack_step_size": (lambda v: v > 0, "must be positive (e.g. eps/4)")}
 
 
 def check_args(args, method_ranges: dict) -> None:
-    """Refuse, before any work, every setting that would fail later or silently train something
-    else, in one line that names the flag and the fix. `args` are resolved (no None left where a
-    default exists). Range rules come from the tables (both scripts' and `method_ranges`); the
-    cross-field rules of both scripts follow (a method file checks its own after this)."""
+    """Refuse, before any work, every resolved setting that would fail later or silently train something
+    else, in one line that names the flag and the fix: the range tables, then the cross-field rules of both
+    scripts (a method file checks its own after this)."""
     ranges = {**RANGES, **(ATTACK_RANGES if args.strategy != "natural" else {}), **method_ranges}
     for name, (test, requirement) in ranges.items():
         value = getattr(args, name)
@@ -131,11 +112,10 @@ def check_args(args, method_ranges: dict) -> None:
                          "x + 0.001 N; from x itself TRADES cannot move (its KL gradient is zero there) and the run "
                          "would be natural training under another name. Drop --no-random-start")
     int_list("milestones", args.milestones, increasing=True)
-    if args.dataset != "synthetic":
-        for name in ("synthetic_shape", "synthetic_size"):
-            if getattr(args, name) is not None:
-                raise ValueError(f"{flag(name)} applies only to --dataset synthetic")
-    elif args.synthetic_shape:
+    for name in ("synthetic_shape", "synthetic_size") if args.dataset != "synthetic" else ():
+        if getattr(args, name) is not None:
+            raise ValueError(f"{flag(name)} applies only to --dataset synthetic")
+    if args.dataset == "synthetic" and args.synthetic_shape:
         int_list("synthetic_shape", args.synthetic_shape, length=3)
     if args.synthetic_size is not None and args.synthetic_size < 20:
         raise ValueError(f"--synthetic-size {args.synthetic_size} is too small: give at least 20 images")
@@ -155,9 +135,7 @@ def check_args(args, method_ranges: dict) -> None:
 
 def training_images(args) -> int:
     """Images in the dataset's training split (synthetic: --synthetic-size or 5,000)."""
-    if args.dataset == "synthetic":
-        return args.synthetic_size or 5000
-    return dataset_info(args.dataset).train_size
+    return args.synthetic_size or 5000 if args.dataset == "synthetic" else dataset_info(args.dataset).train_size
 
 
 def input_shape(args) -> tuple[int, int, int]:
@@ -195,12 +173,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -226,13 +202,10 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def set_tf32(allowed: bool, device: torch.device | str = "cuda") -> str:
-    """Apply the fp32 choice and return what fp32 means on `device`, for logs and result files.
-
-    PyTorch runs fp32 convolutions on Ampere and Hopper GPUs in TF32 by default
-    (torch.backends.cudnn.allow_tf32 is True; matmuls follow torch.backends.cuda.matmul.allow_tf32,
-    False by default), as the official codes do on the same GPU. allowed=False (--strict-fp32) turns
-    TF32 off for both; allowed=True restores PyTorch's defaults. The flags are process-wide torch
-    settings (the function sets them, it keeps no state of its own). On the CPU TF32 does not exist."""
+    """Apply the fp32 choice (process-wide torch flags) and return what fp32 means on `device`, for logs
+    and result files. PyTorch runs fp32 convolutions on Ampere and Hopper GPUs in TF32 by default (cuDNN's
+    allow_tf32 True, matmuls' False), as the official codes do on the same GPU; allowed=False
+    (--strict-fp32) turns TF32 off for both, allowed=True restores PyTorch's defaults. No TF32 on the CPU."""
     torch.backends.cudnn.allow_tf32 = allowed
     torch.backends.cuda.matmul.allow_tf32 = False
     if torch.device(device).type != "cuda":
@@ -241,16 +214,12 @@ def set_tf32(allowed: bool, device: torch.device | str = "cuda") -> str:
 
 
 def device_settings(args):
-    """(device, amp, autocast factory, memory format). fp32 unless --amp (both official codes train
-    in fp32; bf16 is opt-in until a measurement shows it changes no reported number), with TF32
-    convolutions on GPUs that have them unless --strict-fp32 (set_tf32); channels_last on CUDA (the
-    same arithmetic in another memory layout)."""
+    """(device, amp, autocast factory, memory format). fp32 unless --amp (both official codes train in fp32;
+    bf16 is opt-in until a measurement shows it changes no reported number); channels_last on CUDA."""
     device = pick_device(args.device)
     set_tf32(not args.strict_fp32, device)  # TF32 convolutions on Ampere/Hopper unless --strict-fp32
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.amp)
     return device, args.amp, autocast, torch.channels_last if channels_last else torch.contiguous_format
 
 
@@ -259,16 +228,14 @@ def device_settings(args):
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Atomic: write a temporary file next to the target, then rename over it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as file:
+    with open(f"{path}.tmp{os.getpid()}", "w") as file:
         file.write(text)
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def read_torch_file(path: str, what: str = "checkpoint"):
@@ -298,11 +265,10 @@ def args_from_checkpoint(args_class, saved: dict, path: str, method: str):
     of the code (settings this version does not know, or lacks) is refused in one line naming them."""
     known = {f.name for f in dataclasses.fields(args_class)}
     unknown, missing = sorted(set(saved) - known), sorted(known - set(saved))
-    if unknown or missing:
-        raise CheckpointError(f"{path!r} was written by another version of {method}.py: "
-                              + "; ".join(part for part in (
-                                  f"settings unknown here: {', '.join(unknown)}" if unknown else "",
-                                  f"settings it lacks: {', '.join(missing)}" if missing else "") if part))
+    parts = [f"settings {what}: {', '.join(names)}" for what, names in (("unknown here", unknown), ("it lacks", missing))
+             if names]
+    if parts:
+        raise CheckpointError(f"{path!r} was written by another version of {method}.py: " + "; ".join(parts))
     return args_class(**saved)
 
 
@@ -313,11 +279,8 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     unknown = [key for key in state if key not in ours]
     shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(ours[key].shape)}" for key in ours
               if key in state and state[key].shape != ours[key].shape]
-
-    def some(keys):
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    problems = [f"{what}: {some(keys)}" for what, keys in (("missing", missing), ("unexpected", unknown),
-                                                           ("other shape", shapes)) if keys]
+    problems = [f"{what}: {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                for what, keys in (("missing", missing), ("unexpected", unknown), ("other shape", shapes)) if keys]
     if problems:
         inserted = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("FSR", "CIFS")})
         raise CheckpointError(f"the weights of {source} do not fit this network ({type(model).__name__} with "
@@ -334,10 +297,9 @@ RESUMABLE = ("epochs", "device", "log_interval", "eval_every", "data_root", "com
 def resumed_settings(args, checkpoint: dict, log):
     """The run's own settings, with the resumable flags the user changed applied and announced;
     any other changed flag is refused. A flag counts as given when it differs from its default."""
-    args_class = type(args)
-    saved = args_from_checkpoint(args_class, checkpoint["args"], args.resume, checkpoint["method"])
-    defaults = args_class()
-    changed = [f.name for f in dataclasses.fields(args_class) if f.name != "resume"
+    saved = args_from_checkpoint(type(args), checkpoint["args"], args.resume, checkpoint["method"])
+    defaults = type(args)()
+    changed = [f.name for f in dataclasses.fields(args) if f.name != "resume"
                and getattr(args, f.name) != getattr(defaults, f.name)
                and getattr(args, f.name) != getattr(saved, f.name)]
     refused = [name for name in changed if name not in RESUMABLE]
@@ -380,8 +342,8 @@ def is_checkpoint(loaded) -> bool:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this process joins the group: NCCL when
-    `device` is a GPU, gloo on the CPU. A plain `python fsr.py` gets (0, 1) and no group."""
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the group (NCCL on GPUs, gloo
+    on the CPU); a plain `python fsr.py` gets (0, 1) and no group."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
     if not dist.is_initialized():
@@ -450,10 +412,9 @@ def restore_rng(saved: list, rank: int, world_size: int, device, args, start_epo
     """Each process continues its own random stream; with another process count, fresh seeded
     streams (valid, but not bitwise an uninterrupted run), said."""
     if len(saved) == world_size:
-        rng_cpu, rng_cuda = saved[rank]
-        torch.set_rng_state(rng_cpu)
-        if device.type == "cuda" and rng_cuda is not None:
-            torch.cuda.set_rng_state(rng_cuda, device)
+        torch.set_rng_state(saved[rank][0])
+        if device.type == "cuda" and saved[rank][1] is not None:
+            torch.cuda.set_rng_state(saved[rank][1], device)
         return
     torch.manual_seed(args.seed + 1_000_003 * rank + start_epoch)
     log(f"note: {args.resume} was written by {len(saved)} process(es), this run has {world_size}: "
@@ -466,11 +427,10 @@ MONITOR_SEED = 0  # the monitored test images are the same for every run (compar
 
 
 def data_loaders(args, device, memory_format, rank: int, world_size: int, log):
-    """(training loader, {"val" / "monitor": loader}, description). The training split lives on the
-    device as uint8 and is augmented there (DeviceLoader); under torchrun every process holds it and
-    takes its share of each global batch. --train-size keeps a seeded class-balanced subset;
-    --val-size holds out images of it for best.pt; --monitor-size takes a fixed class-balanced
-    subset of the test split (monitoring only). Held-out splits are sharded over the processes."""
+    """(training loader, {"val" / "monitor": loader}, description): the training split on the device as
+    uint8 (under torchrun in every process, each taking its share of a global batch); --train-size keeps a
+    seeded class-balanced subset, --val-size holds images of it out for best.pt, --monitor-size takes a fixed
+    class-balanced subset of the test split (monitoring only). Held-out splits are sharded over processes."""
     shape = input_shape(args)
     log(f"loading {args.dataset} from {args.data_root} ...")
     train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
@@ -502,9 +462,8 @@ def _count_correct(model, x, y):
 
 
 def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
-    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol)
-    in fp32; under torchrun each process takes its share and the counts are summed, which gives
-    the single-process figures."""
+    """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol) in fp32;
+    under torchrun each process takes its share and the counts are summed (the single-process figures)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
     for x, y in loader.epoch(0):
@@ -521,9 +480,9 @@ def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def run_folder(run_dir: str, args, resumed: bool, history: list, log):
-    """The run folder for the run's life: created, locked against a second run (a lock left by a
-    killed run is taken over, saying so), cleared of the temporary files of interrupted saves,
-    with args.json and a metrics.jsonl that holds exactly the epochs of the checkpoint resumed."""
+    """The run folder for the run's life: created, locked against a second run (taking over, said, the lock
+    of a killed run), cleared of interrupted saves' temporary files, with args.json and a metrics.jsonl
+    that holds exactly the epochs of the checkpoint resumed."""
     if not resumed and os.path.exists(os.path.join(run_dir, "last.pt")):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir}/last.pt to continue it, "
                               f"or another --run-name")
@@ -544,7 +503,6 @@ def run_folder(run_dir: str, args, resumed: bool, history: list, log):
 
 def take_lock(path: str, log) -> None:
     """Create the lock file holding this host and process id; if a live process holds it, refuse."""
-    me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -553,12 +511,12 @@ def take_lock(path: str, log) -> None:
                 host, _, pid = file.read().strip().partition(" ")
             if host != socket.gethostname() or process_alive(int(pid or 0)):
                 raise FileExistsError(f"{os.path.dirname(path)} is in use by process {pid} on {host}: wait for it, "
-                                      f"or pass another --run-name (if that process is gone, delete {path})")
+                                      f"or pass another --run-name (if that process is gone, delete {path})") from None
             log(f"note: taking over the lock of process {pid}, which is no longer running")
             os.remove(path)
             continue
         with os.fdopen(descriptor, "w") as file:
-            file.write(me)
+            file.write(f"{socket.gethostname()} {os.getpid()}")
         return
     raise FileExistsError(f"could not take the lock {path}")
 
@@ -567,142 +525,15 @@ def process_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
 def write_metrics(run_dir: str, history: list) -> None:
-    """metrics.jsonl, one line per completed epoch, rewritten whole from the checkpoint's history
-    (atomically), so that a kill between the checkpoint and the log line loses nothing."""
+    """metrics.jsonl, a line per finished epoch, rewritten whole (atomically) from the checkpoint's history:
+    a kill between the checkpoint and the log line loses nothing."""
     write_text_atomically(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history))
-
-
-# ---- progress and summaries -------------------------------------------------------------------
-
-LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class EpochProgress:
-    """The running figures of one training epoch: loss sums and correct predictions kept on the
-    device (no sync per step), a progress line with the epoch's and the run's ETA from the first
-    seconds on (then every --log-interval seconds), and the epoch's metrics, summed over the
-    processes of a torchrun run (global-batch figures, equal to one process's)."""
-
-    def __init__(self, args, epoch: int, steps: int, world_size: int, log):
-        self.args, self.epoch, self.steps, self.world_size, self.log = args, epoch, steps, world_size, log
-        self.started = time.time()
-        self.next_print = self.started + min(5.0, args.log_interval)
-        self.sums, self.correct, self.seen, self.done = {}, 0, 0, 0
-
-    def update(self, losses: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach() * len(y)
-        self.correct, self.seen, self.done = self.correct + (logits.argmax(1) == y).sum(), self.seen + len(y), self.done + 1
-        now = time.time()
-        if now >= self.next_print and self.done < self.steps:
-            self.next_print = now + self.args.log_interval
-            per_step = (now - self.started) / self.done
-            epoch_left = per_step * (self.steps - self.done)
-            run_left = epoch_left + (self.args.epochs - self.epoch - 1) * per_step * self.steps
-            self.log(f"  epoch {self.epoch + 1}/{self.args.epochs} step {self.done}/{self.steps} | loss "
-                     f"{float(self.sums['loss']) / self.seen:.4f} | {self.world_size * self.seen / (now - self.started):.0f}"
-                     f" img/s | epoch ETA {format_seconds(epoch_left)} | run ETA {format_seconds(run_left)}")
-
-    def metrics(self, lr: float) -> dict:
-        device = self.correct.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.time() - self.started
-        totals = all_reduce_sum(torch.stack([*(self.sums[name].float() for name in self.sums), self.correct.float(),
-                                             torch.tensor(float(self.seen), device=device)])).tolist()
-        seen = totals[-1]
-        return {"epoch": self.epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(self.sums, totals)},
-                "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
-
-
-def epoch_summary(metrics: dict, args, history: list, train_accuracy_note: str) -> str:
-    """The console line of an epoch: losses, accuracies (each labelled for what it measures), ETA."""
-    seconds = [m["epoch_seconds"] for m in history]
-    eta = (args.epochs - metrics["epoch"]) * sum(seconds) / len(seconds)
-    losses = " ".join(f"{name} {metrics[name]:.4f}" for name in metrics if name in LOSS_NAMES)
-    held_out = "".join(f" | {label} clean {metrics[f'{name}_clean']:.2%} pgd{args.eval_steps} (step eps/10) "
-                       f"{metrics[f'{name}_robust']:.2%}"
-                       for name, label in (("val", "held-out"), ("monitor", "test (monitoring only)"))
-                       if f"{name}_robust" in metrics)
-    return (f"epoch {metrics['epoch']}/{args.epochs} | lr {metrics['lr']:.4g} | {losses} | "
-            f"train acc {metrics['train_accuracy']:.2%} ({train_accuracy_note}){held_out} | "
-            f"{metrics['images_per_second']:.0f} img/s | {metrics['epoch_seconds']:.1f} s | ETA {format_seconds(eta)}")
-
-
-def run_banner(method: str, args, model: nn.Module, device, data: str, run_dir: str, world_size: int) -> str:
-    """The first line of a run: what is trained on what, where, how."""
-    precision = "bf16 autocast" if args.amp else "fp32" if device.type != "cuda" else \
-        "strict fp32" if args.strict_fp32 else "fp32 (TF32 convolutions allowed)"  # see set_tf32
-    return (f"{method}: {args.model} on {args.dataset} ({data}), strategy {args.strategy}, "
-            f"{count_parameters(model) / 1e6:.2f} M params, device {device}, {precision}, run {run_dir}"
-            + (f", {world_size} processes x {args.batch_size // world_size} images"
-               f"{' (SyncBatchNorm)' if args.sync_bn else ''}" if world_size > 1 else ""))
-
-
-# ---- training curves --------------------------------------------------------------------------
-
-
-def draw_curves(run_dir: str, log) -> None:
-    """curves.png of the run; a drawing failure is reported, never fatal to the run."""
-    try:
-        plot_training_curves([run_dir], os.path.join(run_dir, "curves.png"))
-    except Exception as error:  # noqa: BLE001 (a plot must not end a training run)
-        log(f"note: curves.png not drawn: {error}")
-
-
-def plot_training_curves(run_dirs: list, path: str) -> bool:
-    """training_curves_figure as a PNG; False, drawing nothing, without matplotlib."""
-    figure = training_curves_figure(run_dirs)
-    if figure is not None:
-        figure.savefig(path, dpi=90)
-    return figure is not None
-
-
-def training_curves_figure(run_dirs: list):
-    """Each run's metrics.jsonl against epochs: losses, training accuracy, and the held-out /
-    monitored clean and PGD accuracy; several runs are overlaid (one colour each). None when
-    matplotlib is not installed (it is never required)."""
-    try:
-        from matplotlib.figure import Figure  # the object-oriented API: no pyplot state, no display
-    except ImportError:
-        return None
-    figure = Figure(figsize=(15, 4), layout="constrained")
-    axes = figure.subplots(1, 3)
-    for index, run_dir in enumerate(run_dirs):
-        with open(os.path.join(run_dir, "metrics.jsonl")) as file:
-            lines = [json.loads(line) for line in file if line.strip()]
-        colour, label = f"C{index}", os.path.basename(os.path.normpath(run_dir))
-        epochs = [m["epoch"] for m in lines]
-        for style, name in zip(("-", "--", ":", "-."), [n for n in LOSS_NAMES if lines and n in lines[-1]]):
-            axes[0].plot(epochs, [m[name] for m in lines], style, color=colour, label=f"{label}: {name}")
-        axes[1].plot(epochs, [100 * m["train_accuracy"] for m in lines], color=colour, label=label)
-        for style, name in (("-", "monitor"), ("--", "val")):
-            for marker, kind in (("o", "clean"), ("x", "robust")):
-                points = [(m["epoch"], 100 * m[f"{name}_{kind}"]) for m in lines if f"{name}_{kind}" in m]
-                if points:
-                    axes[2].plot(*zip(*points), style, marker=marker, color=colour, label=f"{label}: {name} {kind}")
-    axes[0].set(xlabel="epoch", ylabel="training loss", title="losses")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="training accuracy")
-    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="clean (o) and PGD (x) accuracy")
-    figure.suptitle("training accuracy: training batches in train mode (FSR: Gumbel-noise masks; CIFS: masks from "
-                    "the true label's logit). monitor (solid): fixed test images, monitoring only; val (dashed): "
-                    "held-out training images (best.pt)", fontsize="small")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="x-small")
-    return figure

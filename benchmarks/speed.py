@@ -1,44 +1,16 @@
 """Speed of adversarial training with and without FSR / CIFS, against a reference loop (issue #6).
 
-What it measures, in one process and one run, for one backbone, image shape, batch and attack
-(default: ResNet-18, CIFAR-10 shape 3x32x32, 10 classes, batch 128, Madry PGD-10 AT from a
-uniform start, eps 8/255, step eps/4):
-
-  plain      the scripts' fast path (fsr.py --no-fsr): training split on the device as uint8 and
-             augmented there (data.DeviceLoader), bf16 autocast and channels_last by default on
-             CUDA, attacks with input-only gradients; fsr.training_step + SGD step
-  +FSR       the same through fsr.py
-  +CIFS      the same through cifs.py
-  reference  the same backbone, attack and update written the way older adversarial-training
-             code does it: torch DataLoader over PIL images with torchvision transforms,
-             `.to(device)` per batch, fp32, contiguous memory, and an attack whose
-             `loss.backward()` also fills the weights' .grad
-  evaluation PGD-20 (step eps/10, no random start, fp32: the scripts' `evaluate`) over 10,000
-             images, for the plain, +FSR and +CIFS networks (fewer images extrapolated linearly)
-
-and for each training variant: images/s, seconds per epoch, achieved TFLOP/s, fraction of the
-GPU's peak and peak GPU memory (`--rounds` interleaves the variants' timed steps, so that a change
-in background load does not land on one variant only); then the speed-up over the reference
-loop, the FSR and CIFS overheads, and a PASS / FAIL / "not measured" line per target of issue #6.
-Optional:
-`--accuracy-check` (robust accuracy of a short run, fp32 against the fast path) and `--profile`
-(where the time of a fast-path training step goes).
-
-Run from the repository root:
-    python benchmarks/speed.py                                  # the issue's settings, on the GPU
-    python benchmarks/speed.py --profile --trace                # + profiler summary and Chrome trace
-    python benchmarks/speed.py --variants none --eval-images 0 --accuracy-check   # accuracy only
-    python benchmarks/speed.py --device cpu --model smallcnn --shape 3,16,16 --batch-size 32 \\
-        --steps 3 --eval-images 200 --num-workers 0             # CPU smoke test (seconds)
-    python benchmarks/speed.py --device cpu --threads 2 --warmup 0 --steps 2 --rounds 2 \\
-        --eval-images 32 --eval-batch-size 32                   # ResNet-18 on a 2-core CPU (~6 min)
-
-Writes a Markdown table to the console and everything (with the environment and the command
-line) to --out as JSON.
+Times the training steps of `plain`, `fsr` and `cifs` (the scripts' own fast path) and of `reference`
+(the same training written the older way), the scripts' fp32 PGD evaluation, and on request the
+accuracy check and a profile; docs/performance.md says what each figure means. Run from the
+repository root, e.g. a CPU smoke test of seconds:
+    python benchmarks/speed.py --device cpu --model smallcnn --shape 3,16,16 --batch-size 32 --steps 3 \\
+        --eval-images 200 --num-workers 0
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime
@@ -48,11 +20,11 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,9 +32,9 @@ if REPO not in sys.path:  # `python benchmarks/speed.py` puts benchmarks/ on the
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-import torch.utils.data  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch.utils.data  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
@@ -73,14 +45,14 @@ import fsr  # noqa: E402
 from data import DeviceLoader, ImageSplit, dataset_info, make_synthetic  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 from run_support import (arg, broadcast_buffers, check_args, clean_and_robust_accuracy, data_parallel,  # noqa: E402
-                         device_settings, input_shape, pick_device, process_group, seed_everything)
-from run_support import parse_args as parse_args_of  # noqa: E402
+                         device_settings, input_shape, parse_args as parse_args_of, pick_device, process_group,
+                         seed_everything)
 
 VARIANTS = ("plain", "fsr", "cifs", "reference")
 LABELS = {"plain": "plain", "fsr": "+FSR", "cifs": "+CIFS", "reference": "reference loop"}
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     # --- what to time -------------------------------------------------------------------------
     model: str = arg("resnet18", "backbone (models.build_model)")
@@ -141,23 +113,18 @@ def parse_args(argv=None) -> Args:
     return parse_args_of(Args, argv, __doc__.split("\n\n")[0])
 
 
-# =============================================================================================
-# Settings shared by every variant
-# =============================================================================================
-
-
+# === Settings shared by every variant =========================================================
 def resolve(args: Args) -> Args:
     """Fill the None settings from the dataset (shape, train size, eps, step eps/4) and the device."""
     info = dataset_info(args.dataset)
-    shape = args.shape or ",".join(map(str, info.shape))
     epsilon = args.epsilon if args.epsilon is not None else info.epsilon
     resolved = dataclasses.replace(
-        args, shape=shape, epsilon=epsilon,
+        args, shape=args.shape or ",".join(map(str, info.shape)), epsilon=epsilon,
         train_size=args.train_size or info.train_size,
         attack_step_size=args.attack_step_size if args.attack_step_size is not None else epsilon / 4,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if image_shape(resolved) != info.shape and info.num_classes != 10:
-        raise ValueError(f"--shape {shape} differs from {args.dataset}'s {info.shape}: such runs use the "
+        raise ValueError(f"--shape {resolved.shape} differs from {args.dataset}'s {info.shape}: such runs use the "
                          f"10-class synthetic stand-in, so pick a 10-class --dataset")
     if not 1 <= resolved.rounds <= max(resolved.steps, 1) or resolved.steps < 1 or resolved.warmup < 0:
         raise ValueError(f"need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps, got "
@@ -176,12 +143,8 @@ def variant_list(args: Args) -> list[str]:
     return [v for v in args.variants.split(",") if v and v != "none"]
 
 
-def num_classes(args: Args) -> int:
-    return dataset_info(args.dataset).num_classes
-
-
 def script_of(variant: str):
-    """(script module, its Args overrides) of a fast-path variant."""
+    """(script module, its Args overrides) of a fast-path variant or --method."""
     return {"plain": (fsr, dict(no_fsr=True)), "fsr": (fsr, {}), "cifs": (cifs, {})}[variant]
 
 
@@ -196,8 +159,7 @@ def script_args(script, args: Args, **overrides):
                   epsilon=args.epsilon, attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
                   eval_steps=args.eval_steps, device=args.device, amp=args.amp, channels_last=args.channels_last,
                   compile=args.compile, seed=args.seed, log_interval=1e9)
-    values.update(overrides)
-    return script.Args(**values)
+    return script.Args(**{**values, **overrides})
 
 
 def forward_equivalents(args) -> int:
@@ -205,41 +167,36 @@ def forward_equivalents(args) -> int:
     1 forward, a full backward ~ 2): the attack's steps, the TRADES attack's clean forward, the
     update passes (two for TRADES and MART)."""
     attack = 0 if args.strategy == "natural" else 2 * args.attack_steps + (args.strategy == "trades")
-    update = 6 if args.strategy in ("trades", "mart") else 3
-    return attack + update
+    return attack + (6 if args.strategy in ("trades", "mart") else 3)
 
 
 def count_flops(model: nn.Module, input_shape: tuple) -> int:
     """Forward FLOPs for one image: 2 x multiply-accumulates of every convolution and linear layer
     call (the usual convention: ResNet-18 on 32x32 is 1.11 GFLOPs, FSR Table 7; element-wise ops,
-    pooling and CIFS's relevance gradient are not counted). Counted with forward hooks on a CPU copy
-    in eval mode, so the model itself (mode, BatchNorm statistics, device) is untouched.
-    (torch's FlopCounterMode would also do, but its module tracker breaks on the autograd.grad call
-    inside a CIFS forward.)"""
+    pooling and CIFS's relevance gradient are not counted), with forward hooks on a CPU copy in eval
+    mode, so that the model itself is untouched. (torch's FlopCounterMode would also do, but its
+    module tracker breaks on the autograd.grad call inside a CIFS forward.)"""
     clone = copy.deepcopy(model).to("cpu").float().eval()
-    total = 0
+    counts = []
 
-    def conv(module, inputs, output):
-        nonlocal total
-        total += 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-
-    def linear(module, inputs, output):
-        nonlocal total
-        total += 2 * output.numel() * module.in_features
+    def hook(module, inputs, output):
+        fan_in = module.in_features if isinstance(module, nn.Linear) else \
+            module.in_channels // module.groups * math.prod(module.kernel_size)
+        counts.append(2 * output.numel() * fan_in)
 
     for module in clone.modules():
-        if isinstance(module, nn.Conv2d):
-            module.register_forward_hook(conv)
-        elif isinstance(module, nn.Linear):
-            module.register_forward_hook(linear)
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(hook)
     with torch.no_grad():
         clone(torch.zeros(1, *input_shape))
-    return total
+    return sum(counts)
 
 
-def synchronize(device: torch.device) -> None:
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished the work queued so far."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -252,10 +209,7 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-# =============================================================================================
-# Peak throughput of the GPU
-# =============================================================================================
-
+# === Peak throughput of the GPU ===============================================================
 # Dense (no 2:4 sparsity) peak TFLOP/s. Sources: NVIDIA's datasheets, "NVIDIA H100 Tensor Core GPU"
 # (SXM5 and PCIe columns), "NVIDIA H200 Tensor Core GPU" (SXM) and "NVIDIA A100 Tensor Core GPU"
 # (SXM and PCIe alike); the datasheets quote tensor-core figures with sparsity, halved here.
@@ -275,52 +229,37 @@ def gpu_model(device_name: str) -> str | None:
         return None
     if "H100" in name:
         return "H100 PCIe" if "PCIE" in name else "H100 SXM"
-    if "H200" in name:
-        return "H200"
-    if "A100" in name:
-        return "A100"
-    return None
+    return next((row for row in ("H200", "A100") if row in name), None)
 
 
 def peak_tflops(args: Args, device: torch.device, precision: str) -> float | None:
     """--peak-tflops if given, else the table's figure for this GPU and precision; None on CPU."""
-    if args.peak_tflops:
-        return args.peak_tflops
-    if device.type != "cuda":
-        return None
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops or None
     row = gpu_model(torch.cuda.get_device_name(device))
-    if row is None:
-        return None
-    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
-        precision = "tf32"
-    return PEAK_TFLOPS[row][precision]
+    tf32 = precision == "fp32" and torch.backends.cudnn.allow_tf32
+    return PEAK_TFLOPS[row]["tf32" if tf32 else precision] if row else None
 
 
 def training_record(args: Args, device, round_seconds: list, round_steps: list, peak_memory: float | None,
                     forward_equivalents: int, flops: int, precision: str, **extra) -> dict:
     """The figures of one timed training variant. TFLOP/s counts *useful* FLOPs: forward FLOPs per
-    image (count_flops) x forward-equivalents per image (forward_equivalents).
-    `spread`: (slowest - fastest) / mean seconds per step over the rounds, a noise indicator."""
-    seconds = sum(round_seconds)
-    images_per_second = sum(round_steps) * args.batch_size / seconds
+    image x forward-equivalents per image. `spread`: (slowest - fastest) / mean seconds per step
+    over the rounds, a noise indicator."""
+    seconds, steps = sum(round_seconds), sum(round_steps)
+    images_per_second = steps * args.batch_size / seconds
     tflops = images_per_second * forward_equivalents * flops / 1e12
     peak = peak_tflops(args, device, precision)
     per_step = [t / n for t, n in zip(round_seconds, round_steps)]
     return {"images_per_second": images_per_second, "seconds_per_epoch": args.train_size / images_per_second,
             "tflops_per_second": tflops, "peak_tflops": peak, "fraction_of_peak": tflops / peak if peak else None,
             "peak_memory_gib": peak_memory, "forward_gflops": flops / 1e9,
-            "forward_equivalents": forward_equivalents, "precision": precision,
-            "timed_steps": sum(round_steps), "warmup_steps": args.warmup, "timed_seconds": seconds,
-            "round_seconds": round_seconds,
-            "spread": (max(per_step) - min(per_step)) / (seconds / sum(round_steps)) if len(per_step) > 1 else None,
-            **extra}
+            "forward_equivalents": forward_equivalents, "precision": precision, "timed_steps": steps,
+            "warmup_steps": args.warmup, "timed_seconds": seconds, "round_seconds": round_seconds,
+            "spread": (max(per_step) - min(per_step)) / (seconds / steps) if len(per_step) > 1 else None, **extra}
 
 
-# =============================================================================================
-# The fast path: what fsr.py / cifs.py train() run
-# =============================================================================================
-
-
+# === The fast path: what fsr.py / cifs.py train() run ==========================================
 class FastPath(NamedTuple):
     args: object  # the script's resolved Args
     device: torch.device
@@ -335,10 +274,9 @@ class FastPath(NamedTuple):
 
 
 def fast_path(script, script_arguments, n_batches: int, rank: int = 0, world_size: int = 1) -> FastPath:
-    """Model, optimiser and data exactly as the script's train() sets them up (the on-device loader:
-    gather, crop + flip on uint8, float), over n_batches of synthetic images of the run's shape. Under
-    torchrun (world_size > 1) each process takes its share of every global batch and the update
-    passes are DDP-wrapped, as in train()."""
+    """Model, optimiser and data exactly as the script's train() sets them up (the on-device loader),
+    over n_batches of synthetic images of the run's shape; under torchrun (world_size > 1) each
+    process takes its share of every global batch and the update passes are DDP-wrapped."""
     args = script.resolve(script_arguments)
     check_args(args, script.METHOD_RANGES)
     script.check_method_args(args)
@@ -358,19 +296,14 @@ def fast_path(script, script_arguments, n_batches: int, rank: int = 0, world_siz
                     loader.epoch(0))
 
 
-class Prepared(NamedTuple):
-    """A training variant ready to time: step(x, y) runs one training step on a batch of `batches`
-    (fetching the batch is part of the step); record(round_seconds, round_steps, peak memory)
-    turns the timings into the variant's figures."""
-    step: object
-    batches: object
-    device: torch.device
-    record: object
+# A training variant ready to time: step(x, y) runs one training step on a batch of `batches` (fetching
+# the batch is part of the step); record(round_seconds, round_steps, peak memory) gives its figures.
+Prepared = collections.namedtuple("Prepared", "step batches record")
 
 
 def prepare_fast_path(variant: str, args: Args, rank: int = 0, world_size: int = 1) -> Prepared:
-    """A fast-path variant (plain, fsr, cifs). The step is the scripts' own training_step +
-    zero_grad + backward + SGD step (+ the BatchNorm broadcast under torchrun), as in their train()."""
+    """The step is the scripts' own training_step + zero_grad + backward + SGD step (+ the BatchNorm
+    broadcast under torchrun), as in their train()."""
     script, overrides = script_of(variant)
     run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.steps, rank, world_size)
 
@@ -384,14 +317,13 @@ def prepare_fast_path(variant: str, args: Args, rank: int = 0, world_size: int =
 
     def record(round_seconds, round_steps, peak_memory):
         return training_record(args, run.device, round_seconds, round_steps, peak_memory,
-                               forward_equivalents(run.args),
-                               count_flops(run.model, input_shape(run.args)),
+                               forward_equivalents(run.args), count_flops(run.model, input_shape(run.args)),
                                "bf16" if run.amp else "fp32", parameters=count_parameters(run.model),
                                channels_last=run.memory_format == torch.channels_last,
                                compiled=bool(run.args.compile), data="on-device uint8 (data.DeviceLoader)",
                                attack_gradients="input only", processes=world_size)
 
-    return Prepared(step, run.batches, run.device, record)
+    return Prepared(step, run.batches, record)
 
 
 def round_sizes(steps: int, rounds: int) -> list[int]:
@@ -404,19 +336,21 @@ def time_variants(args: Args, variants: list[str], log=print, rank: int = 0, wor
     what the variants prepared before it hold), then time args.steps steps of every variant in
     args.rounds rounds, interleaved: order a, b, c, then c, b, a, ... Returns {variant: figures}."""
     device = pick_device(args.device)
+    on_gpu = device.type == "cuda"
     prepared, peaks, skipped = {}, {}, {}
     for variant in variants:
         log(f"preparing {LABELS[variant]} ({args.warmup} warm-up steps) ...")
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        before = torch.cuda.memory_allocated(device) if on_gpu else 0
         reset_peak_memory(device)
-        ready = prepare_reference(args) if variant == "reference" else prepare_fast_path(variant, args, rank, world_size)
+        ready = prepare_reference(args) if variant == "reference" else \
+            prepare_fast_path(variant, args, rank, world_size)
         if isinstance(ready, str):
             skipped[variant] = {"skipped": ready}
             continue
         for _ in range(args.warmup):
             ready.step(*next(ready.batches))
-        synchronize(device)
-        peaks[variant] = (peak_memory_gib(device) - before / 2**30) if device.type == "cuda" and args.warmup else None
+        clock(device)  # the warm-up steps finish before the next variant is prepared
+        peaks[variant] = peak_memory_gib(device) - before / 2**30 if on_gpu and args.warmup else None
         prepared[variant] = ready
     sizes = round_sizes(args.steps, args.rounds) if prepared else []
     seconds = {variant: [] for variant in prepared}
@@ -424,25 +358,18 @@ def time_variants(args: Args, variants: list[str], log=print, rank: int = 0, wor
         order = list(prepared) if r % 2 == 0 else list(reversed(prepared))
         log(f"timing round {r + 1}/{len(sizes)}: {size} steps each of {', '.join(LABELS[v] for v in order)} ...")
         for variant in order:
-            ready = prepared[variant]
-            synchronize(device)
-            started = time.perf_counter()
+            started = clock(device)
             for _ in range(size):
-                ready.step(*next(ready.batches))
-            synchronize(device)
-            seconds[variant].append(time.perf_counter() - started)
-    figures = {variant: prepared[variant].record(seconds[variant], sizes, peaks[variant]) for variant in prepared}
-    return {variant: figures.get(variant) or skipped[variant] for variant in variants}
+                prepared[variant].step(*next(prepared[variant].batches))
+            seconds[variant].append(clock(device) - started)
+    return {variant: prepared[variant].record(seconds[variant], sizes, peaks[variant]) if variant in prepared
+            else skipped[variant] for variant in variants}
 
 
-# =============================================================================================
-# The reference loop: the same training written the older way
-# =============================================================================================
-
-
+# === The reference loop: the same training written the older way ==============================
 class PILImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset like torchvision.datasets.CIFAR10: uint8 H x W x C arrays in memory, each
-    item turned into a PIL image and passed through `transform`."""
+    """Like torchvision.datasets.CIFAR10: uint8 H x W x C arrays in memory, each item turned into a
+    PIL image and passed through `transform`."""
 
     def __init__(self, split: ImageSplit, transform):
         images = split.images.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as CIFAR10.data
@@ -461,9 +388,9 @@ def reference_loader(split: ImageSplit, args: Args) -> torch.utils.data.DataLoad
     """CPU DataLoader with PIL transforms: pad-4 random crop + horizontal flip + ToTensor for a
     dataset that augments, ToTensor alone otherwise. (The official CIFS code uses these transforms
     with 4 workers; the official FSR train.py uses a longer PIL round trip with no workers.)"""
-    size = image_shape(args)[1:]
-    augment = [transforms.RandomCrop(size, padding=dataset_info(args.dataset).padding or 4),
-               transforms.RandomHorizontalFlip()] if dataset_info(args.dataset).augment == "crop_flip" else []
+    info = dataset_info(args.dataset)
+    augment = [transforms.RandomCrop(image_shape(args)[1:], padding=info.padding or 4),
+               transforms.RandomHorizontalFlip()] if info.augment == "crop_flip" else []
     dataset = PILImageDataset(split, transforms.Compose([*augment, transforms.ToTensor()]))
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                        num_workers=args.num_workers)
@@ -491,19 +418,17 @@ def reference_attack(model, x, y, eps: float, step_size: float, steps: int, weig
 
 
 def prepare_reference(args: Args) -> Prepared | str:
-    """The reference loop: fp32, contiguous, the same backbone (models.build_model), the DataLoader
-    above, reference_attack, then CE on x_adv and an SGD step. A string says why it cannot run."""
+    """fp32, contiguous, the same backbone (models.build_model), reference_loader, reference_attack,
+    then CE on x_adv and an SGD step. A string says why it cannot run."""
     if args.strategy not in ("natural", "at"):
         return f"the reference loop implements natural and at, not {args.strategy}"
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True  # as the official FSR train.py
-    shape = image_shape(args)
-    model = build_model(args.model, num_classes(args), shape).to(device)
+    shape, classes = image_shape(args), dataset_info(args.dataset).num_classes
+    model = build_model(args.model, classes, shape).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    n_images = (args.warmup + args.steps) * args.batch_size
-    split = make_synthetic(num_classes(args), shape, n_images, args.seed, train=True)
-    batches = iter(reference_loader(split, args))
+    split = make_synthetic(classes, shape, (args.warmup + args.steps) * args.batch_size, args.seed, train=True)
 
     def step(x, y):
         x, y = x.to(device), y.to(device)
@@ -512,8 +437,7 @@ def prepare_reference(args: Args) -> Prepared | str:
                                  args.reference_weight_grads)
         model.train()
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x)[0], y)
-        loss.backward()
+        F.cross_entropy(model(x)[0], y).backward()
         optimizer.step()
 
     def record(round_seconds, round_steps, peak_memory):
@@ -528,61 +452,47 @@ def prepare_reference(args: Args) -> Prepared | str:
                                data=f"DataLoader, PIL transforms, {args.num_workers} workers",
                                attack_gradients="input and weights" if args.reference_weight_grads else "input only")
 
-    return Prepared(step, batches, device, record)
+    return Prepared(step, iter(reference_loader(split, args)), record)
 
 
-# =============================================================================================
-# Evaluation cost: the scripts' PGD evaluation
-# =============================================================================================
-
-
-def time_evaluation(variant: str, args: Args) -> dict:
-    """Seconds of the script's clean_and_robust_accuracy() (PGD-eval_steps, step eps/10, no random start, fp32, plus
-    the clean and adversarial accuracy forwards) over eval_images images, extrapolated to 10,000."""
+# === Evaluation cost: the scripts' PGD evaluation ==============================================
+def time_evaluation(variant: str, args: Args, log=print) -> dict:
+    """Seconds of the script's clean_and_robust_accuracy() over eval_images images, extrapolated to 10,000."""
+    log(f"timing the PGD-{args.eval_steps} evaluation of {LABELS[variant]} on {args.eval_images} images ...")
     script, overrides = script_of(variant)
     run_args = script.resolve(script_args(script, args, **overrides))
     device, _, _, memory_format = device_settings(run_args)
     seed_everything(run_args.seed, run_args.deterministic)
     shape = input_shape(run_args)
     model = script.build_network(run_args).to(device, memory_format=memory_format).eval()
-    split = make_synthetic(num_classes(args), shape, args.eval_images, args.seed, train=False)
+    split = make_synthetic(dataset_info(args.dataset).num_classes, shape, args.eval_images, args.seed, train=False)
     if args.warmup:  # one batch, one PGD step: cuDNN picks its fp32 kernels for this batch size
         first = ImageSplit(split.images[:args.eval_batch_size], split.labels[:args.eval_batch_size], split.num_classes)
         clean_and_robust_accuracy(model, DeviceLoader(first, args.eval_batch_size, device, shuffle=False),
-                        dataclasses.replace(run_args, eval_steps=1))
+                                  dataclasses.replace(run_args, eval_steps=1))
     loader = DeviceLoader(split, args.eval_batch_size, device, shuffle=False)
-    synchronize(device)
     reset_peak_memory(device)
-    started = time.perf_counter()
+    started = clock(device)
     clean_and_robust_accuracy(model, loader, run_args)
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds = clock(device) - started
     forward_equivalents = 2 * args.eval_steps + 2  # attack: forward + input-only backward; 2 accuracy forwards
-    flops = count_flops(model, shape)
     return {"images": args.eval_images, "seconds": seconds, "images_per_second": args.eval_images / seconds,
             "seconds_per_10000": seconds * 10000 / args.eval_images,
             "extrapolated": None if args.eval_images == 10000 else
             f"measured on {args.eval_images} images, scaled linearly to 10,000",
-            "tflops_per_second": args.eval_images / seconds * forward_equivalents * flops / 1e12,
+            "tflops_per_second": args.eval_images / seconds * forward_equivalents * count_flops(model, shape) / 1e12,
             "forward_equivalents": forward_equivalents, "peak_memory_gib": peak_memory_gib(device)}
 
 
-# =============================================================================================
-# Ratios and the targets of issue #6
-# =============================================================================================
-
-
+# === Ratios and the targets of issue #6 ========================================================
 def ratios(variants: dict) -> dict:
     """Speed-up of the fast path over the reference loop (ratio of images/s) and the time per image
     that FSR and CIFS add over the plain backbone: (plain img/s / method img/s - 1) x 100 %."""
-    def ips(name):
-        record = variants.get(name) or {}
-        return record.get("images_per_second")
-
-    plain = ips("plain")
-    return {"speedup_over_reference": plain / ips("reference") if plain and ips("reference") else None,
-            "fsr_overhead_percent": (plain / ips("fsr") - 1) * 100 if plain and ips("fsr") else None,
-            "cifs_overhead_percent": (plain / ips("cifs") - 1) * 100 if plain and ips("cifs") else None}
+    ips = {name: (variants.get(name) or {}).get("images_per_second") for name in VARIANTS}
+    plain = ips["plain"]
+    return {"speedup_over_reference": plain / ips["reference"] if plain and ips["reference"] else None,
+            "fsr_overhead_percent": (plain / ips["fsr"] - 1) * 100 if plain and ips["fsr"] else None,
+            "cifs_overhead_percent": (plain / ips["cifs"] - 1) * 100 if plain and ips["cifs"] else None}
 
 
 def target_settings_differ(args: Args) -> list[str]:
@@ -641,28 +551,18 @@ def check_targets(args: Args, results: dict) -> list[dict]:
     return lines
 
 
-# =============================================================================================
-# --accuracy-check: the same short run in fp32 and on the fast path
-# =============================================================================================
-
-
+# === --accuracy-check: the same short run in fp32 and on the fast path ========================
 def mean_and_spread(values: list) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for one value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def accuracy_check(args: Args, log=print) -> dict:
-    """Train the same short run through fsr.py / cifs.py at every seed of --acc-seeds twice: in
-    fp32 (no autocast, contiguous) and on the fast path (bf16 autocast + channels_last, + compile
-    with --compile), in a temporary runs folder. Compares the mean final held-out clean and
-    PGD-eval_steps accuracy (the scripts always evaluate in fp32). Noise: the standard error of the
-    difference of the two means from the seed-to-seed spread, never below the binomial one of
-    acc_val_size images; within noise = |difference| <= 2 standard errors."""
-    script, overrides = (fsr, dict(no_fsr=True)) if args.method == "plain" else \
-        {"fsr": (fsr, {}), "cifs": (cifs, {})}[args.method]
+    """The same short run of the script at every seed, in fp32 and on the fast path (bf16 + channels_last,
+    + compile with --compile), compared on the mean final held-out accuracy (always evaluated in fp32).
+    Noise: the standard error of the difference of the means from the seed-to-seed spread, never below
+    the binomial one of acc_val_size images; within noise = |difference| <= 2 standard errors."""
+    script, overrides = script_of(args.method)
     seeds = [int(s) for s in args.acc_seeds.split(",") if s]
     if not seeds or args.acc_val_size < 1:
         raise ValueError("--accuracy-check needs at least one --acc-seeds and --acc-val-size >= 1")
@@ -681,31 +581,24 @@ def accuracy_check(args: Args, log=print) -> dict:
                 runs.append({"run": label, "seed": seed, "amp": fast, "channels_last": fast,
                              "compile": fast and args.compile, "val_clean": metrics["val_clean"],
                              "val_robust": metrics["val_robust"], "seconds": time.perf_counter() - started})
-    summary = {}
+    clean, robust, sd = {}, {}, {}
     for label in ("fp32", "fast"):
-        for metric in ("val_clean", "val_robust"):
-            summary[f"{label}_{metric}"] = mean_and_spread([r[metric] for r in runs if r["run"] == label])
-    (fp32_robust, fp32_sd), (fast_robust, fast_sd) = summary["fp32_val_robust"], summary["fast_val_robust"]
+        clean[label] = mean_and_spread([r["val_clean"] for r in runs if r["run"] == label])[0]
+        robust[label], sd[label] = mean_and_spread([r["val_robust"] for r in runs if r["run"] == label])
     n = len(seeds)
-    binomial = math.sqrt(2 * max(fp32_robust * (1 - fp32_robust), 1e-12) / (args.acc_val_size * n))
-    seed_se = math.sqrt((fp32_sd ** 2 + fast_sd ** 2) / n) if n > 1 else None
-    standard_error = max(seed_se or 0.0, binomial)
-    robust_difference = fast_robust - fp32_robust
+    binomial = math.sqrt(2 * max(robust["fp32"] * (1 - robust["fp32"]), 1e-12) / (args.acc_val_size * n))
+    standard_error = max(math.sqrt((sd["fp32"] ** 2 + sd["fast"] ** 2) / n) if n > 1 else 0.0, binomial)
+    difference = robust["fast"] - robust["fp32"]
     return {"script": script.METHOD if args.method != "plain" else "fsr (--no-fsr)", "seeds": seeds, "runs": runs,
-            "mean_clean": {"fp32": summary["fp32_val_clean"][0], "fast": summary["fast_val_clean"][0]},
-            "mean_robust": {"fp32": fp32_robust, "fast": fast_robust},
-            "seed_sd_robust": {"fp32": fp32_sd, "fast": fast_sd},
-            "clean_difference": summary["fast_val_clean"][0] - summary["fp32_val_clean"][0],
-            "robust_difference": robust_difference, "standard_error": standard_error,
-            "binomial_standard_error": binomial, "within_noise": abs(robust_difference) <= 2 * standard_error,
+            "mean_clean": clean, "mean_robust": robust, "seed_sd_robust": sd,
+            "clean_difference": clean["fast"] - clean["fp32"], "robust_difference": difference,
+            "standard_error": standard_error, "binomial_standard_error": binomial,
+            "within_noise": abs(difference) <= 2 * standard_error,
             "criterion": f"|mean fast - mean fp32| <= 2 s.e. = {2 * standard_error * 100:.1f} points over "
                          f"{n} seed(s)" + ("" if n > 1 else ", binomial s.e. only: no seed-to-seed noise measured")}
 
 
-# =============================================================================================
-# --profile: where the time of a fast-path training step goes
-# =============================================================================================
-
+# === --profile: where the time of a fast-path training step goes ==============================
 # Op and kernel names -> coarse groups, first match wins (names lower-cased; CPU aten ops and CUDA
 # kernel names alike). Anything unmatched is "other".
 OP_GROUPS = (
@@ -722,23 +615,20 @@ ANNOTATIONS = ("attack", "update")
 
 
 def op_group(name: str) -> str:
-    lowered = name.lower()
-    return next((group for group, pattern in OP_GROUPS if re.search(pattern, lowered)), "other")
+    return next((group for group, pattern in OP_GROUPS if re.search(pattern, name.lower())), "other")
 
 
 def labelled_training_step(script, run: FastPath, x, y, seconds: dict):
     """script.training_step + zero_grad + backward + SGD step, written out so that the profiler can
-    label its two halves ("attack", "update"); wall seconds of each half (synchronised) are added
-    to `seconds`. tests/test_speed.py checks that it computes training_step's loss."""
+    label its two halves ("attack", "update"); adds each half's wall seconds to `seconds`."""
     model, args = run.compute_model, run.args
     with record_function("attack"):
-        started = time.perf_counter()
+        started = clock(run.device)
         with run.autocast():
             x_train = script.craft_adversarial(model, x, y, args, 0, script.attack_loss(args))
-        synchronize(run.device)
-        seconds["attack"] += time.perf_counter() - started
+        seconds["attack"] += clock(run.device) - started
     with record_function("update"):
-        started = time.perf_counter()
+        started = clock(run.device)
         run.update.train()
         with run.autocast():
             logits_clean, logits, emitted = run.update(x, x_train, y)
@@ -747,45 +637,37 @@ def labelled_training_step(script, run: FastPath, x, y, seconds: dict):
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        synchronize(run.device)
-        seconds["update"] += time.perf_counter() - started
+        seconds["update"] += clock(run.device) - started
     return loss.detach()
 
 
 def profile_fast_path(args: Args, trace_path: str | None = None, top: int = 15) -> dict:
-    """Profile --profile-steps fast-path training steps (after --warmup untimed ones) with
-    torch.profiler: CPU activity, and CUDA kernels on a GPU. Op self time is device (kernel) time on
-    CUDA, CPU time otherwise; annotations and Python time between ops are not counted as ops."""
+    """torch.profiler over --profile-steps fast-path training steps (after --warmup untimed ones). Op self
+    time is kernel time on CUDA, CPU time otherwise; annotations and Python time are not ops."""
     script, overrides = script_of(args.profile_variant)
     run = fast_path(script, script_args(script, args, **overrides), args.warmup + args.profile_steps)
     seconds = {"attack": 0.0, "update": 0.0}
     for _ in range(args.warmup):
         labelled_training_step(script, run, *next(run.batches), dict(seconds))
-    synchronize(run.device)
     on_device = run.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])) as prof:
         for _ in range(args.profile_steps):
             labelled_training_step(script, run, *next(run.batches), seconds)
     if trace_path:
         prof.export_chrome_trace(trace_path)
-    ops = {}
+    ops = {}  # name -> (self us, calls)
     for event in prof.key_averages():
-        if event.key in ANNOTATIONS or event.key.startswith("ProfilerStep"):
-            continue
-        if on_device:  # kernels, memcpy, memset: each device interval counted once
-            if event.device_type == torch.autograd.DeviceType.CPU:
-                continue
-            self_us = event.self_device_time_total
-        else:
-            self_us = event.self_cpu_time_total
+        if event.key in ANNOTATIONS or event.key.startswith("ProfilerStep") or \
+                on_device and event.device_type == torch.autograd.DeviceType.CPU:
+            continue  # on a GPU: kernels, memcpy, memset only, each device interval counted once
+        self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
         if self_us > 0:
-            ops[event.key] = (ops.get(event.key, (0, 0))[0] + self_us, ops.get(event.key, (0, 0))[1] + event.count)
+            us, calls = ops.get(event.key, (0, 0))
+            ops[event.key] = (us + self_us, calls + event.count)
     total = sum(us for us, _ in ops.values()) or 1.0
-    groups = {}
+    groups = collections.Counter()
     for name, (us, _) in ops.items():
-        groups[op_group(name)] = groups.get(op_group(name), 0.0) + us / total
-    ranked = sorted(ops.items(), key=lambda item: -item[1][0])[:top]
+        groups[op_group(name)] += us / total
     wall = seconds["attack"] + seconds["update"]
     calls = sum(count for _, count in ops.values())
     # busy_share: op time / wall time. On a GPU (one stream) the share of the step the GPU computes;
@@ -794,35 +676,30 @@ def profile_fast_path(args: Args, trace_path: str | None = None, top: int = 15) 
             "op_seconds": total / 1e6, "wall_seconds": wall, "busy_share": total / 1e6 / wall,
             "ops_per_step": calls / args.profile_steps, "mean_op_us": total / max(calls, 1),
             "attack_share": seconds["attack"] / wall, "update_share": seconds["update"] / wall,
-            "groups": dict(sorted(groups.items(), key=lambda item: -item[1])),
-            "top_ops": [{"name": name, "self_ms": us / 1e3, "share": us / total, "calls": calls}
-                        for name, (us, calls) in ranked],
+            "groups": dict(groups.most_common()),
+            "top_ops": [{"name": name, "self_ms": us / 1e3, "share": us / total, "calls": n}
+                        for name, (us, n) in sorted(ops.items(), key=lambda item: -item[1][0])[:top]],
             "trace": trace_path}
 
 
-# =============================================================================================
-# Environment, output, main
-# =============================================================================================
-
-
+# === Environment, report, main ================================================================
 def environment(args: Args, argv: list[str]) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = platform.processor() or platform.machine()
         try:
             with open("/proc/cpuinfo") as file:
                 device_name = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
         except (OSError, StopIteration):
-            pass
+            device_name = platform.processor() or platform.machine()
     try:
         commit = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"device": str(device), "device_name": device_name, "gpu_model": gpu_model(device_name)
-            if device.type == "cuda" else None,
+    return {"device": str(device), "device_name": device_name,
+            "gpu_model": gpu_model(device_name) if device.type == "cuda" else None,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "python": platform.python_version(),
@@ -831,18 +708,13 @@ def environment(args: Args, argv: list[str]) -> dict:
             "command": shlex.join(["python", "benchmarks/speed.py", *argv])}
 
 
-def fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def percent(fraction):
-    return None if fraction is None else 100 * fraction
+def fmt(value, spec: str, missing: str = "-", scale: float = 1) -> str:
+    return missing if value is None else format(value * scale, spec)
 
 
 def markdown(results: dict) -> str:
     """The console report: training table, ratios, evaluation, targets, accuracy check, profile."""
-    s = results["settings"]
-    env = results["environment"]
+    s, env = results["settings"], results["environment"]
     lines = [f"## Speed: {s['model']}, {s['shape']} images, batch {s['batch_size']}, {s['strategy']} "
              f"(PGD-{s['attack_steps']}, step {s['attack_step_size']:.5f}, eps {s['epsilon']:.5f}) on "
              f"{env['device_name']} ({env['device']}), torch {env['torch']}", ""]
@@ -856,16 +728,18 @@ def markdown(results: dict) -> str:
             precision = r["precision"] + (", channels_last" if r["channels_last"] else "") + \
                 (", compiled" if r["compiled"] else "")
             lines.append(f"| {LABELS[name]} | {precision} | {r['data']} | {r['attack_gradients']} "
-                         f"| {r['images_per_second']:.1f} | {r['seconds_per_epoch']:.1f} | {r['tflops_per_second']:.3f} "
-                         f"| {fmt(r['fraction_of_peak'], '.1%')} | {fmt(r['peak_memory_gib'], '.2f')} |")
+                         f"| {r['images_per_second']:.1f} | {r['seconds_per_epoch']:.1f} "
+                         f"| {r['tflops_per_second']:.3f} | {fmt(r['fraction_of_peak'], '.1%')} "
+                         f"| {fmt(r['peak_memory_gib'], '.2f')} |")
         r = results["ratios"]
+        spreads = ", ".join(f"{LABELS[n]} {v['spread']:.0%}" for n, v in results["variants"].items()
+                            if v.get("spread") is not None)
         lines += ["", f"Speed-up of the fast path over the reference loop: {fmt(r['speedup_over_reference'], '.2f')}x; "
                   f"FSR overhead {fmt(r['fsr_overhead_percent'], '+.1f')} %, CIFS overhead "
                   f"{fmt(r['cifs_overhead_percent'], '+.1f')} % (extra time per image over plain). "
                   f"Timed: {s['steps']} steps per variant after {s['warmup']} warm-up steps, in {s['rounds']} "
-                  f"interleaved round(s)" + (f"; spread of seconds per step over the rounds: " + ", ".join(
-                      f"{LABELS[n]} {r['spread']:.0%}" for n, r in results["variants"].items()
-                      if r.get("spread") is not None) if s["rounds"] > 1 else "") + ".", ""]
+                  f"interleaved round(s)"
+                  + (f"; spread of seconds per step over the rounds: {spreads}" if s["rounds"] > 1 else "") + ".", ""]
     if results["evaluation"]:
         lines += [f"| evaluation: PGD-{s['eval_steps']}, fp32 | images | seconds | images/s | s per 10,000 "
                   f"| TFLOP/s | peak GiB |", "|---|---|---|---|---|---|---|"]
@@ -874,90 +748,76 @@ def markdown(results: dict) -> str:
                          f"| {r['seconds_per_10000']:.1f}{' (extrapolated)' if r['extrapolated'] else ''} "
                          f"| {r['tflops_per_second']:.3f} | {fmt(r['peak_memory_gib'], '.2f')} |")
         note = next((r["extrapolated"] for r in results["evaluation"].values() if r["extrapolated"]), None)
-        lines += ([f"", f"Evaluation {note}."] if note else []) + [""]
+        lines += (["", f"Evaluation {note}."] if note else []) + [""]
     lines += ["Targets (issue #6):"] + [
-        f"- {t['target']}: {fmt(t['value'], '.2f')}{' ' + t['unit'] if t['value'] is not None else ''} -> {t['verdict']}"
-        for t in results["targets"]] + [""]
+        f"- {t['target']}: {fmt(t['value'], '.2f')}{' ' + t['unit'] if t['value'] is not None else ''} "
+        f"-> {t['verdict']}" for t in results["targets"]] + [""]
     check = results.get("accuracy_check")
     if check:
+        sd = check["seed_sd_robust"]
         lines += [f"Accuracy check ({check['script']}):", "", "| run | seed | bf16 | channels_last | compile "
                   "| val clean | val PGD | seconds |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seed']} | {r['amp']} | {r['channels_last']} | {r['compile']} "
                   f"| {r['val_clean']:.2%} | {r['val_robust']:.2%} | {r['seconds']:.0f} |" for r in check["runs"]]
-        sd = check["seed_sd_robust"]
         lines += ["", f"Mean over seeds {check['seeds']}: fast - fp32 clean {check['clean_difference'] * 100:+.1f}, "
                   f"robust {check['robust_difference'] * 100:+.1f} points (fp32 {check['mean_robust']['fp32']:.2%}, "
                   f"fast {check['mean_robust']['fast']:.2%}); seed-to-seed s.d. of the robust accuracy: fp32 "
-                  f"{fmt(percent(sd['fp32']), '.1f', 'n/a')}, fast {fmt(percent(sd['fast']), '.1f', 'n/a')} points; "
+                  f"{fmt(sd['fp32'], '.1f', 'n/a', 100)}, fast {fmt(sd['fast'], '.1f', 'n/a', 100)} points; "
                   f"s.e. of the difference {check['standard_error'] * 100:.1f} points "
                   f"(binomial floor {check['binomial_standard_error'] * 100:.1f}).", ""]
     prof = results.get("profile")
     if prof:
+        ops = "kernels" if prof["time"] == "device" else "ops"
         lines += [f"Profile ({LABELS[prof['variant']]} fast path, {prof['steps']} steps, {prof['time']} time): attack "
                   f"{prof['attack_share']:.0%} / update {prof['update_share']:.0%} of the step (wall, synchronised); "
-                  f"{'kernels' if prof['time'] == 'device' else 'ops'} busy {prof['busy_share']:.0%} of the wall time, "
-                  f"{prof['ops_per_step']:.0f} {'kernels' if prof['time'] == 'device' else 'ops'} per step of "
-                  f"{prof['mean_op_us']:.0f} us on average; by group: "
+                  f"{ops} busy {prof['busy_share']:.0%} of the wall time, {prof['ops_per_step']:.0f} {ops} per step "
+                  f"of {prof['mean_op_us']:.0f} us on average; by group: "
                   + ", ".join(f"{g} {share:.0%}" for g, share in prof["groups"].items()) + ".", "",
                   "| op | self ms | share | calls |", "|---|---|---|---|"]
-        lines += [f"| {o['name'][:90]} | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"]]
-        lines += [f"", f"Chrome trace: {prof['trace']}"] if prof["trace"] else []
-        lines.append("")
-    lines.append(f"JSON: {results['out']}")
-    return "\n".join(lines)
+        lines += [f"| {o['name'][:90]} | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |"
+                  for o in prof["top_ops"]]
+        lines += (["", f"Chrome trace: {prof['trace']}"] if prof["trace"] else []) + [""]
+    return "\n".join(lines + [f"JSON: {results['out']}"])
 
 
 def run(args: Args, argv: list[str] | None = None, log=print) -> dict:
     """Everything the flags ask for; returns the results (also written to args.out as JSON).
-    Under `torchrun --nproc_per_node=N` the fast-path variants are timed data-parallel (each
-    process its share of the global --batch-size, through DDP as in the scripts' train();
-    images/s are global); only rank 0 logs and writes."""
+    Under `torchrun --nproc_per_node=N` only the fast-path variants are timed, data-parallel (each
+    process its share of the global --batch-size, through DDP as in the scripts' train(); images/s
+    are global); only rank 0 logs and writes."""
     args = resolve(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return run_data_parallel(args, argv, log)
-    results = {"settings": dataclasses.asdict(args), "environment": environment(args, argv or []),
-               "variants": {}, "evaluation": {}, "out": args.out}
-    results["variants"] = time_variants(args, variant_list(args), log)
-    results["ratios"] = ratios({k: v for k, v in results["variants"].items() if "skipped" not in v})
-    if args.eval_images > 0:
-        for variant in ("plain", "fsr", "cifs"):
-            log(f"timing the PGD-{args.eval_steps} evaluation of {LABELS[variant]} on {args.eval_images} images ...")
-            results["evaluation"][variant] = time_evaluation(variant, args)
-    results["accuracy_check"] = accuracy_check(args, log) if args.accuracy_check else None
-    if args.profile:
-        log(f"profiling {args.profile_steps} steps of {LABELS[args.profile_variant]} ...")
-        trace = os.path.join(os.path.dirname(os.path.abspath(args.out)), "trace.json") if args.trace else None
-        if trace:
-            os.makedirs(os.path.dirname(trace), exist_ok=True)
-        results["profile"] = profile_fast_path(args, trace)
-    results["targets"] = check_targets(args, results)
-    results["report"] = markdown(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as file:
-        json.dump(results, file, indent=2)
-    log(results["report"])
-    return results
-
-
-def run_data_parallel(args: Args, argv: list[str] | None, log) -> dict:
-    """The fast-path variants under torchrun; the reference loop, the evaluation, the accuracy check
-    and the profile are single-process measurements and are refused here in one line."""
-    if set(variant_list(args)) - {"plain", "fsr", "cifs"} or args.eval_images or args.accuracy_check or args.profile:
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if parallel and (set(variant_list(args)) - {"plain", "fsr", "cifs"} or args.eval_images or args.accuracy_check
+                     or args.profile):
         raise ValueError("under torchrun only the fast-path training variants are timed: pass --variants "
                          "plain,fsr,cifs (or a part) and --eval-images 0, without --accuracy-check and --profile")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
     with process_group(args) as (rank, world_size):
         log = log if rank == 0 else (lambda *_: None)
         results = {"settings": dataclasses.asdict(args), "environment": environment(args, argv or []),
-                   "processes": world_size, "out": args.out,
+                   **({"processes": world_size} if parallel else {}),
                    "variants": time_variants(args, variant_list(args), log, rank, world_size)}
     results["ratios"] = ratios(results["variants"])
-    results["report"] = "\n".join(
-        f"{LABELS[v]}: {r['images_per_second']:.0f} img/s ({world_size} processes x {args.batch_size // world_size} "
-        f"images), {r['seconds_per_epoch']:.1f} s/epoch, {r['tflops_per_second']:.3f} TFLOP/s, "
-        f"{r['parameters'] / 1e6:.2f} M params, {r['forward_gflops']:.4f} GFLOPs/image"
-        for v, r in results["variants"].items())
+    results["out"] = args.out
+    if parallel:
+        results["report"] = "\n".join(
+            f"{LABELS[v]}: {r['images_per_second']:.0f} img/s ({world_size} processes x "
+            f"{args.batch_size // world_size} images), {r['seconds_per_epoch']:.1f} s/epoch, "
+            f"{r['tflops_per_second']:.3f} TFLOP/s, {r['parameters'] / 1e6:.2f} M params, "
+            f"{r['forward_gflops']:.4f} GFLOPs/image"
+            for v, r in results["variants"].items())
+    else:
+        results["evaluation"] = {variant: time_evaluation(variant, args, log) for variant in ("plain", "fsr", "cifs")
+                                 if args.eval_images > 0}
+        results["accuracy_check"] = accuracy_check(args, log) if args.accuracy_check else None
+        if args.profile:
+            log(f"profiling {args.profile_steps} steps of {LABELS[args.profile_variant]} ...")
+            os.makedirs(out_dir, exist_ok=True)
+            results["profile"] = profile_fast_path(args, os.path.join(out_dir, "trace.json") if args.trace else None)
+        results["targets"] = check_targets(args, results)
+        results["report"] = markdown(results)
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
         with open(args.out, "w") as file:
             json.dump(results, file, indent=2)
     log(results["report"])

@@ -55,7 +55,7 @@ Cannot run on a CPU:
     CPU form (device_ids=None) runs in tests/test_distributed.py.
   * The default device (run_support.pick_device, for the scripts and evaluate.py: 'cuda' when torch.cuda.is_available()) and
     LOCAL_RANK -> cuda:<LOCAL_RANK> under torchrun: choose a GPU; the CPU tests pass --device cpu.
-  * torch.cuda.synchronize (run_support.EpochProgress.metrics, benchmarks/speed.py) and
+  * torch.cuda.synchronize (benchmarks/speed.py) and
     torch.cuda.reset_peak_memory_stats: CUDA-only calls that only make the timings and peak figures
     right; no arithmetic depends on them.
   * torch.cuda.set_rng_state / get_rng_state themselves (recorded, not run, above).

@@ -18,6 +18,7 @@ import cifs
 import evaluate
 import fsr
 import data
+import progress
 import run_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,7 +337,7 @@ def test_curves_png_holds_the_metrics_file(tmp_path):
     fsr.train(tiny(fsr, tmp_path), log=lambda *_: None)
     run = tmp_path / "run"
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = run_support.training_curves_figure([str(run), str(run)])
+    figure = progress.training_curves_figure([str(run), str(run)])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses, accuracy, held_out = figure.axes
     plotted = {line.get_label(): list(line.get_ydata()) for line in losses.lines}
