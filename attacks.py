@@ -56,16 +56,12 @@ class LogitsOnly(nn.Module):
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, freeze: bool = True):
-    """Eval mode (and, with `freeze`, frozen parameters) for the duration of an attack, then the
-    exact previous state back: each submodule's own `training` flag and each parameter's `requires_grad`.
-
+    """Eval mode (and, with `freeze`, frozen parameters) for the duration of an attack, then the exact
+    previous state back: each submodule's own `training` flag and each parameter's `requires_grad`.
     Eval mode: attacks must see BatchNorm running statistics and never update them (both authors'
-    test scripts call `net.eval()` before attacking).
-    Frozen parameters: for code that calls backward() (AutoAttack's FAB): no weight gradient is
-    computed or accumulated. Our own attacks take `torch.autograd.grad(loss, x_adv)`, which computes
-    no weight gradient either way, and pass freeze=False: autocast caches its bf16 weight casts only
-    for leaves that require grad, so frozen weights would be cast again at every forward.
-    """
+    test scripts call `net.eval()` before attacking). freeze: for code that calls backward() (AutoAttack's
+    FAB). Our attacks take torch.autograd.grad(loss, x_adv), input-only either way, and pass freeze=False:
+    autocast caches its bf16 weight casts only for weights that require grad."""
     modes = [(module, module.training) for module in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
@@ -88,14 +84,12 @@ def check_epsilon(eps: float) -> None:
 
 
 def ball(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eps-ball around the image x (in [0, 1]) within the image box, as (lower, upper) bounds:
-    computed once per attack, not at every step."""
+    """(lower, upper): the eps-ball around the image x within [0, 1], computed once per attack."""
     return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
 
 
 def project(x_adv: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Back into the eps-ball and the image box, bounds = ball(x, eps): one clamp, the same values as
-    clipping to the ball and then to [0, 1] (the intervals meet, since x is in both)."""
+    """Into the eps-ball and [0, 1] (bounds = ball(x, eps)), one clamp: as clipping to the ball, then the box."""
     return torch.clamp(x_adv, *bounds)
 
 
@@ -164,8 +158,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, s
     Returns a detached x_adv.
     """
     check_epsilon(eps)
-    x = x.detach()
-    bounds = ball(x, eps)
+    x, bounds = x.detach(), ball(x.detach(), eps)
     with attack_mode(model, freeze=False):  # autograd.grad: input-only gradients, weight casts cached
         best, best_fooled, best_loss = None, None, None
         for _ in range(restarts):
@@ -459,13 +452,10 @@ def _pyautoattack():
 
 
 def reset_dynamic_check() -> None:
-    """Zero the call counter of AutoAttack's dynamic-defence check.
-
-    `checks.check_dynamic` traces the model's forward and counts calls of functions named `grad`,
-    `backward` and `_make_grads` in a module-level dict that nothing ever resets (the same in
-    fra31/auto-attack). Once one model has computed a gradient inside its forward (the official
-    CIFS module does: its mask is a gradient), every later model in the same process would be reported as a
-    dynamic defence. Zeroing it before each run attributes the warning to the model at hand."""
+    """Zero the call counter of AutoAttack's dynamic-defence check: `checks.check_dynamic` counts calls of
+    `grad`, `backward` and `_make_grads` during the model's forward in a module-level dict nothing resets
+    (as fra31/auto-attack). Once one model took a gradient inside its forward (the official CIFS module
+    does: its mask is a gradient), every later model in the process would be reported as dynamic."""
     counts = _pyautoattack().checks.funcs
     for name in counts:
         counts[name] = 0

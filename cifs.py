@@ -235,10 +235,9 @@ class CIFS(nn.Module):
 
     forward(z, labels=None) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
       p = probe(z), the raw probe logits on the non-detached z (their CE, Eq. 3, trains probe and backbone);
-      m = IMGF(g), g = dS/du: the gradient of S (the batch sum of the selected probe logits, see
-        `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2; in closed form, see `relevance`). So the
-        backbone gets d(z*m)/dz = m and input-gradient attacks see a constant mask; in train mode the
-        gradient keeps its graph (create_graph): the probe also learns through the mask.
+      m = IMGF(g), g = dS/du: the gradient of S (the sum of the selected probe logits, `select_classes`)
+        w.r.t. the pooled vector u (Eq. 2, §3.2; in closed form, see `relevance`): the backbone gets
+        d(z*m)/dz = m, attacks see a constant mask, in train mode the probe also learns through the mask.
     Train mode needs the true labels, passed as in the official `forward(x, y=None)` (`model(x, y)`);
     eval mode ignores them and uses the probe's own top-k (what test time and attacks see)."""
 
@@ -260,24 +259,20 @@ class CIFS(nn.Module):
 
     def relevance(self, u: torch.Tensor, classes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """CIFS Eq. 2, g = dS/du (B x C), in closed form: S = sum_i sum_{c in classes_i} q_ic (a class
-        selected twice counts twice), so by the chain rule through the probe
-          linear, q = W u + b:                   g = sum_c W[c], the selected rows of W;
-          MLP, q = W2 softplus_5(h) + b2, h = W1 u + b1 (`hidden`):
-                                                 g = W1^T (softplus_5'(h) * sum_c W2[c]),
-        softplus_5'(h) = sigmoid(5 h), exactly 1 above torch's threshold 5 h > 20 (its own backward op).
-        The official code takes this gradient with torch.autograd.grad; the closed form is the same
-        function (tested to match it, gradients included) without a nested autograd call, so it compiles.
-        Its graph, as the official create_graph: train mode, on the detached u with the graph to the
-        probe's parameters (the probe also learns through the mask; the backbone sees a constant mask);
-        eval mode, a constant; through the mask (evaluate.py), on u itself with graph."""
+        selected twice counts twice), so by the chain rule through the probe: linear, q = W u + b:
+        g = sum_c W[c] (the selected rows of W); MLP, q = W2 softplus_5(h) + b2, h = W1 u + b1 (`hidden`):
+        g = W1^T (softplus_5'(h) * sum_c W2[c]), softplus_5'(h) = sigmoid(5 h), exactly 1 above torch's
+        threshold 5 h > 20 (its own backward op). The official code takes this gradient with autograd.grad;
+        this is the same function (tested, gradients included) without a nested autograd call, so it
+        compiles. Its graph, as the official create_graph: train mode, on the detached u with the graph to
+        the probe's parameters; eval mode, a constant; through the mask (evaluate.py), on u itself."""
         through = self.differentiable_mask and u.requires_grad
         g = F.embedding(classes, self.head[-1].weight).sum(1)  # = W[classes].sum(1): dS/d(probe input of W)
         if self.probe == "mlp":
             if self.training and not through:  # h on the detached u: no mask gradient into the backbone
                 hidden = self.head[0](u.detach())
-            softplus = self.head[1]
-            g = torch.ops.aten.softplus_backward(g.to(hidden.dtype), hidden, softplus.beta, softplus.threshold)
-            g = g @ self.head[0].weight
+            beta, threshold = self.head[1].beta, self.head[1].threshold
+            g = torch.ops.aten.softplus_backward(g.to(hidden.dtype), hidden, beta, threshold) @ self.head[0].weight
         return g if self.training or through else g.detach()
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -624,7 +619,7 @@ def train(args: Args, log=print) -> dict:
                     loss.backward()
                     optimizer.step()
                     if world_size > 1:
-                        broadcast_buffers(model)  # rank 0's BatchNorm statistics in every process
+                        broadcast_buffers(model, args.sync_bn)  # rank 0's BatchNorm statistics in every process
                     progress.update({"loss": loss, **parts}, logits, y)  # progress line with ETA
                 metrics = progress.metrics(lr)
                 evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs

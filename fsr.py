@@ -522,7 +522,7 @@ def train(args: Args, log=print) -> dict:
                     loss.backward()
                     optimizer.step()
                     if world_size > 1:
-                        broadcast_buffers(model)  # rank 0's BatchNorm statistics in every process
+                        broadcast_buffers(model, args.sync_bn)  # rank 0's BatchNorm statistics in every process
                     progress.update({"loss": loss, **parts}, logits, y)  # progress line with ETA
                 metrics = progress.metrics(lr)
                 evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attacks
 import cifs
 import fsr
+import run_support
 
 VARIANTS = {"plain": (fsr, dict(no_fsr=True)), "fsr": (fsr, {}), "cifs": (cifs, {})}
 
@@ -77,3 +78,21 @@ def test_attack_under_autocast_casts_each_weight_once_and_leaves_the_model_as_fo
     assert model.training and all(m.training for m in model.modules())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # no weight gradient
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights, BatchNorm buffers
+
+
+def test_buffer_broadcast_is_one_coalesced_collective_and_none_under_sync_bn(monkeypatch):
+    """Under torchrun: one broadcast per step of every BatchNorm running statistic (not num_batches_tracked,
+    equal everywhere), rank 0's values copied into every buffer; none with --sync-bn (already equal).
+    tests/distributed_worker.py checks every rank's buffers against rank 0's after each real step."""
+    _, _, model, x, y = step_setup("fsr")
+    model(x, y)  # train mode: the statistics move away from their initial values
+    sent = []
+    monkeypatch.setattr(run_support.dist, "broadcast", lambda tensor, src: sent.append(src) or tensor.fill_(0.5))
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    run_support.broadcast_buffers(model, sync_bn=True)
+    assert sent == [] and all(torch.equal(before[name], b) for name, b in model.named_buffers())
+    run_support.broadcast_buffers(model)
+    assert sent == [0]
+    for name, buffer in model.named_buffers():
+        expected = before[name] if name.endswith("num_batches_tracked") else torch.full_like(buffer, 0.5)
+        assert torch.equal(buffer, expected), name
