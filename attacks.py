@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from typing import Callable
 
 import torch
@@ -76,11 +75,15 @@ def attack_mode(model: nn.Module, freeze: bool = True):
             p.requires_grad_(requires_grad)
 
 
+IMAGE_UNITS = f"budgets are in image units (pass 8/255 = {8 / 255:.5f}, not 8)"
+EPSILON_RULE = f"must be in (0, 1]: {IMAGE_UNITS}"  # the scripts' --epsilon rule (run_support.RANGES)
+
+
 def check_epsilon(eps: float) -> None:
-    """Budgets are in image units: refuse a budget that looks like pixel units (8 for 8/255)."""
+    """Budgets are in image units: refuse a budget that looks like pixel units (8 for 8/255); 0 is allowed
+    here (an attack of budget 0 returns x), the scripts' settings refuse it."""
     if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps={eps} is outside [0, 1]: budgets are in image units "
-                         f"(images are in [0, 1]); for 8 pixel levels pass 8/255 = {8 / 255:.5f}")
+        raise ValueError(f"eps={eps} must be in [0, 1]: {IMAGE_UNITS}")
 
 
 def ball(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ Paper:  H. Yan, J. Zhang, G. Niu, J. Feng, V. Y. F. Tan, M. Sugiyama, "CIFS: Imp
         Robustness of CNNs via Channel-wise Importance-based Feature Selection", ICML 2021
         (arXiv:2102.05311; its appendix is cited below as "appendix B.1", "Table B.3", ...).
 Code:   https://github.com/HanshuYAN/CIFS (the official implementation; differences are listed in
-        comments marked "Official code:" or "Difference" and in README.md).
+        comments marked "Official code:" or "Difference" and in docs/cifs.md).
 
 Run:
     python cifs.py --dataset cifar10 --strategy at             # ResNet-18 + CIFS at both layer4 blocks
@@ -182,7 +182,7 @@ def resolve(args: Args) -> Args:
 
 
 # ==== CIFS module (paper §3) =================================================================
-# Differences from the official code (HanshuYAN/CIFS) are listed, with their reasons, in README.md
+# Differences from the official code (HanshuYAN/CIFS) are listed, with their reasons, in docs/cifs.md
 # ("Differences from the official code"); each is also noted where it is coded.
 
 PROBES = ("linear", "mlp")

@@ -34,7 +34,7 @@ from data import DATASETS, balanced_subset, dataset_info, load_dataset
 from fsr import FSR, pool as fsr_pool
 from models import MODELS
 from progress import plot_training_curves
-from run_support import (AT_LEAST_1, NON_NEGATIVE, CheckpointError, arg, args_from_checkpoint, check_writable, flag,
+from run_support import (AT_LEAST_1, NON_NEGATIVE, RANGES, CheckpointError, arg, args_from_checkpoint, check_writable, flag,
                          init_distributed, load_weights, parse_args, pick_device, read_torch_file, set_tf32,
                          write_text_atomically)
 
@@ -152,8 +152,7 @@ RULES = {
     "attacks": (lambda v: any(v.split(",")) and set(v.split(",")) <= {"", *MAIN_ATTACKS},
                 f"give one or more of {', '.join(MAIN_ATTACKS)}"),
     "n_examples": (lambda v: v >= 1, "must be at least 1 (or left out for the full test set)"),
-    "epsilon": (lambda v: 0 < v <= 1, f"must be in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, "
-                "not 8)"),
+    "epsilon": RANGES["epsilon"],  # the training scripts' rule
     "official": (lambda v: v in METHODS, "use fsr or cifs"),
     "official_model": (lambda v: v in MODELS, f"use one of {', '.join(MODELS)}"),
     "official_dataset": (lambda v: v in DATASETS, f"use one of {', '.join(DATASETS)}"),

@@ -3,7 +3,7 @@
 Paper:  W. J. Kim, Y. Cho, J. Jung, S.-E. Yoon, "Feature Separation and Recalibration for
         Adversarial Robustness", CVPR 2023 (arXiv:2303.13846, with the appendix).
 Code:   https://github.com/wkim97/FSR (the official implementation; differences are listed in
-        comments marked "Official code:" and in README.md).
+        comments marked "Official code:" and in docs/fsr.md).
 
 Run:
     python fsr.py --dataset cifar10 --strategy trades          # ResNet-18 + FSR, TRADES

@@ -90,7 +90,7 @@ POSITIVE = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE = (lambda v: v >= 0, "must not be negative")
 RANGES = {
     "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_steps": AT_LEAST_1,
-    "epsilon": (lambda v: 0 < v <= 1, f"is not in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, not 8)"),
+    "epsilon": (lambda v: 0 < v <= 1, attacks.EPSILON_RULE),  # one rule for every script and attacks.py
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "trades_beta": NON_NEGATIVE,
     "mart_beta": NON_NEGATIVE, "fat_omega": NON_NEGATIVE, "log_interval": NON_NEGATIVE,
     "monitor_size": (lambda v: v >= 0, "must not be negative (0: no monitoring)"),

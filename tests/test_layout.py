@@ -12,7 +12,7 @@ BUDGETS = {  # lines per Python file of the project (tests apart)
     "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 400, "run_support.py": 560, "progress.py": 140,
     "attacks.py": 600, "evaluate.py": 1200, "benchmarks/speed.py": 840,
 }
-TOTAL_BUDGET = 5400
+TOTAL_BUDGET = 5420
 
 
 def lines(name: str) -> int:
