@@ -818,8 +818,8 @@ def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=N
         checks["autoattack_warnings"] = not others
         lines["autoattack_warnings"] = f"AutoAttack raised no warning (other than expected notes): {others}"
         if expected:
-            notes.append("AutoAttack flags a dynamic defence: expected for a CIFS module whose channel mask is a "
-                         "gradient computed inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
+            notes.append("AutoAttack flags a dynamic defence: expected for CIFS, whose official module computes its "
+                         "channel mask as a gradient inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
                          "the checks above decide")
     log(f"  masking report: attacks {strongest}" + (f"; reused from the table: {', '.join(reused)}" if reused else ""))
     for name, passed in checks.items():

@@ -449,7 +449,9 @@ def test_nattack_respects_its_budget(checkpoints):
 def test_cifs_autoattack_has_the_authors_settings_and_climbs_the_joint_loss(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
     x, y = evaluate.load_split(run_args, "data", train=False)
-    x, y = x[:8], y[:8]
+    with torch.no_grad():  # points the attacks must work on (the tiny fixture's accuracy varies with rounding)
+        correct = model.eval()(x)[0].argmax(1) == y
+    x, y = x[correct][:8], y[correct][:8]
     joint = evaluate.sweep_loss("ce", evaluate.CIFS_AUTOATTACK_BETA, 50.0)
     adversary = attacks.cifs_autoattack_adversary(model, EPS, joint)
     assert adversary.attacks_to_run == ["apgd-ce", "square"]
@@ -500,7 +502,7 @@ def test_autoattack_in_one_run_flags_no_model_and_cifs_protocol_is_bounded(check
 def test_cifs_autoattack_never_above_natural_at_8_255(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
     x, y = evaluate.load_split(run_args, "data", train=False)
-    args = evaluate.Args(autoattack_cifs_examples=20, log_interval=1e9)
+    args = evaluate.Args(autoattack_cifs_examples=40, log_interval=1e9)
     result, _ = evaluate.run_autoattack_cifs(model, x, y, 10, args, EPS, lambda *a: None, n_restarts=1, n_iter=10,
                                              n_queries=30)
     robust, natural = torch.tensor(result["per_example"]), torch.tensor(result["natural_per_example"])
