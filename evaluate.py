@@ -817,14 +817,14 @@ def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=N
             f"standard PGD-20 {standard:.2%} is {100 * (standard - pgd20):.2f} points above PGD-20 through the "
             f"mask {pgd20:.2%} (threshold {100 * MASK_GAP_THRESHOLD:g} points): the papers' attacks, which treat "
             "the mask as a constant, overstate this model's robustness; quote the worst-case columns")
-    if aa_warnings is not None:  # CIFS computes a gradient in its forward by design: that flag is only a note
+    if aa_warnings is not None:  # a gradient in a CIFS forward (the official module's) is by design: a note only
         expected = [w for w in aa_warnings if cifs_model and "dynamic defense" in w]
         others = [w for w in aa_warnings if w not in expected]
         checks["autoattack_warnings"] = not others
         lines["autoattack_warnings"] = f"AutoAttack raised no warning (other than expected notes): {others}"
         if expected:
-            notes.append("AutoAttack flags a dynamic defence: expected for CIFS, whose channel mask is a gradient "
-                         "computed inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
+            notes.append("AutoAttack flags a dynamic defence: expected for CIFS, whose official module computes its "
+                         "channel mask as a gradient inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
                          "the checks above decide")
     log(f"  masking report: attacks {strongest}" + (f"; reused from the table: {', '.join(reused)}" if reused else ""))
     for name, passed in checks.items():

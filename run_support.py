@@ -441,17 +441,17 @@ def data_parallel(update: nn.Module, device) -> nn.Module:
                                    **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
-def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's BatchNorm statistics to every process, after each update (one broadcast per dtype):
-    the next attack and the validation then see the same network everywhere. (DDP's own buffer
-    broadcast, turned off here, would happen only at its next forward, after the attack.)"""
-    buffers = list(model.buffers())
-    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # the same order in every process
+def broadcast_buffers(model: nn.Module, sync_bn: bool = False) -> None:
+    """Rank 0's BatchNorm running statistics to every process after each update, coalesced (one flat
+    broadcast, one foreach copy): the next attack and the validation then see the same network everywhere
+    (DDP's own buffer broadcast, turned off here, would come at its next forward, after the attack). None
+    under --sync-bn (statistics of the global batch: already equal), never num_batches_tracked (equal)."""
+    buffers = [buffer for name, buffer in model.named_buffers() if not name.endswith("num_batches_tracked")]
+    for dtype in () if sync_bn else dict.fromkeys(buffer.dtype for buffer in buffers):  # one: fp32 statistics
         group = [buffer for buffer in buffers if buffer.dtype == dtype]
         flat = torch.cat([buffer.reshape(-1) for buffer in group])
         dist.broadcast(flat, 0)
-        for buffer, value in zip(group, flat.split([buffer.numel() for buffer in group])):
-            buffer.copy_(value.view_as(buffer))
+        torch._foreach_copy_(group, [v.view_as(b) for b, v in zip(group, flat.split([b.numel() for b in group]))])
 
 
 def rng_states(device) -> list:
