@@ -34,7 +34,7 @@ import attacks
 from data import DATASETS, dataset_info
 from models import MODELS, Network, build_model, official_to_ours
 from progress import EpochProgress, draw_curves, epoch_summary, run_banner
-from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, RESUME_HELP, CheckpointError, arg, broadcast_buffers,
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, RESUME_HELP, arg, broadcast_buffers,
                          check_args, clean_and_robust_accuracy, console, data_loaders, data_parallel, device_settings,
                          input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args,
                          process_group, read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states,
