@@ -497,9 +497,8 @@ def op_counts(args: Args, log=print) -> dict:
 
 
 # === Ratios and the project's targets ========================================================
-# Seconds per epoch of the plain fast path on an H100 (ResNet-18, 3x32x32, batch 128, PGD-10 AT): 8 s in bf16
-# (--amp), 15 s in fp32 (TF32 convolutions), the project's two targets. Overheads
-# over plain: time per image on an H100; aten ops per training step (fp32) and casts in its attack (bf16), CPU counts.
+# Seconds per epoch of the plain fast path on an H100 (ResNet-18, 3x32x32, batch 128, PGD-10 AT): 8 in bf16, 15 in fp32
+# (TF32). Overheads over plain: time per image on an H100; aten ops per step (fp32), casts in its attack (bf16), CPU.
 EPOCH_TARGETS = {"bf16": 8.0, "fp32": 15.0}
 TARGET_SETTINGS = dict(model="resnet18", shape="3,32,32", batch_size=128, strategy="at", attack_steps=10)
 TIME_TARGETS, OP_TARGETS, CAST_TARGET = {"fsr": 6.0, "cifs": 10.0}, {"fsr": 15.0, "cifs": 10.0}, 26
