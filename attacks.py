@@ -6,8 +6,8 @@ Conventions:
   * the model may return logits or `(logits, aux)`; losses receive the raw output, so a method
     can attack a joint loss (CIFS, Eq. 3) while the default losses look only at the logits;
   * every attack runs inside `attack_mode(model)`: eval mode (BatchNorm running statistics are
-    used and never updated) with parameters frozen, so gradients are taken w.r.t. the input only
-    (`torch.autograd.grad(loss, x_adv)`); the model's exact previous state is restored after;
+    used and never updated), gradients w.r.t. the input only (`torch.autograd.grad(loss, x_adv)`,
+    or frozen parameters for code that calls backward()); the exact previous state is restored after;
   * attacks do not enable autocast themselves: call them inside `torch.autocast(...)` to attack
     in bf16. Losses are computed in fp32 either way.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from typing import Callable
 
 import torch
@@ -55,19 +54,17 @@ class LogitsOnly(nn.Module):
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module):
-    """Eval mode and frozen parameters for the duration of an attack, then the exact previous
-    state back: each submodule's own `training` flag and each parameter's `requires_grad`.
-
+def attack_mode(model: nn.Module, freeze: bool = True):
+    """Eval mode (and, with `freeze`, frozen parameters) for the duration of an attack, then the exact
+    previous state back: each submodule's own `training` flag and each parameter's `requires_grad`.
     Eval mode: attacks must see BatchNorm running statistics and never update them (both authors'
-    test scripts call `net.eval()` before attacking).
-    Frozen parameters: autograd then builds no weight-gradient graph at all, so an attack step
-    costs one forward and one input-only backward.
-    """
+    test scripts call `net.eval()` before attacking). freeze: for code that calls backward() (AutoAttack's
+    FAB). Our attacks take torch.autograd.grad(loss, x_adv), input-only either way, and pass freeze=False:
+    autocast caches its bf16 weight casts only for weights that require grad."""
     modes = [(module, module.training) for module in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
-    for p, _ in grads:
+    for p, _ in grads if freeze else ():
         p.requires_grad_(False)
     try:
         yield model
@@ -78,16 +75,25 @@ def attack_mode(model: nn.Module):
             p.requires_grad_(requires_grad)
 
 
+IMAGE_UNITS = f"budgets are in image units (pass 8/255 = {8 / 255:.5f}, not 8)"
+EPSILON_RULE = f"must be in (0, 1]: {IMAGE_UNITS}"  # the scripts' --epsilon rule (run_support.RANGES)
+
+
 def check_epsilon(eps: float) -> None:
-    """Budgets are in image units: refuse a budget that looks like pixel units (8 for 8/255)."""
+    """Budgets are in image units: refuse a budget that looks like pixel units (8 for 8/255); 0 is allowed
+    here (an attack of budget 0 returns x), the scripts' settings refuse it."""
     if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps={eps} is outside [0, 1]: budgets are in image units "
-                         f"(images are in [0, 1]); for 8 pixel levels pass 8/255 = {8 / 255:.5f}")
+        raise ValueError(f"eps={eps} must be in [0, 1]: {IMAGE_UNITS}")
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Back into the eps-ball around x, then into the image box [0, 1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+def ball(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper): the eps-ball around the image x within [0, 1], computed once per attack."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+
+
+def project(x_adv: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Into the eps-ball and [0, 1] (bounds = ball(x, eps)), one clamp: as clipping to the ball, then the box."""
+    return torch.clamp(x_adv, *bounds)
 
 
 def random_start(x: torch.Tensor, eps: float, kind: str | bool | None) -> torch.Tensor:
@@ -99,7 +105,7 @@ def random_start(x: torch.Tensor, eps: float, kind: str | bool | None) -> torch.
     None/False: x itself (the evaluation protocol of both papers: `rand_init=False` in
     wkim97/FSR test.py and HanshuYAN/CIFS CIFAR10_Res18_CIFS_test.py)."""
     if kind is True or kind == "uniform":
-        return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        return project(x + torch.empty_like(x).uniform_(-eps, eps), ball(x, eps))
     if kind == "normal":
         return x + 0.001 * torch.randn_like(x)
     if kind in (None, False, "none"):
@@ -122,7 +128,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> tor
     Maximising it pushes the true logit below the best other one by up to kappa."""
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).amax(1)
+    other = logits.scatter(1, y[:, None], -torch.inf).amax(1)
     return -(true - other + kappa).clamp(min=0.0)
 
 
@@ -155,8 +161,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, s
     Returns a detached x_adv.
     """
     check_epsilon(eps)
-    x = x.detach()
-    with attack_mode(model):
+    x, bounds = x.detach(), ball(x.detach(), eps)
+    with attack_mode(model, freeze=False):  # autograd.grad: input-only gradients, weight casts cached
         best, best_fooled, best_loss = None, None, None
         for _ in range(restarts):
             x_adv = random_start(x, eps, random_start_kind)
@@ -167,7 +173,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, s
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 if grad_transform is not None:
                     grad = grad_transform(grad)
-                x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+                x_adv = project(x_adv.detach() + step_size * grad.sign(), bounds)
             if steps == 0:  # the 'normal' start is not clipped: clip it (as TRADES and MART do after their loop)
                 x_adv = x_adv.clamp(0.0, 1.0)
             if restarts == 1:
@@ -205,7 +211,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: floa
     KL(p(x) || p(x')) summed over the batch. The clean distribution is computed once per batch
     (the official code recomputes it, unchanged, at every step). Without the random start the KL
     and its gradient are zero at x' = x, so the attack cannot move: keep it unless testing."""
-    with attack_mode(model), torch.no_grad():
+    with attack_mode(model, freeze=False), torch.no_grad():
         clean_probs = F.softmax(logits_of(model(x)).float(), dim=1)
     return pgd(model, x, None, eps, step_size, steps, loss_fn=kl_to(clean_probs), random_start_kind=random_start_kind)
 
@@ -233,8 +239,8 @@ def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     frozen examples are wasted compute but keep the shapes static for the GPU and torch.compile.
     """
     check_epsilon(eps)
-    x = x.detach()
-    with attack_mode(model):
+    x, bounds = x.detach(), ball(x.detach(), eps)
+    with attack_mode(model, freeze=False):  # as pgd
         if loss == "kl":
             with torch.no_grad():
                 loss_fn = kl_to(F.softmax(logits_of(model(x)).float(), dim=1))
@@ -258,7 +264,7 @@ def fat_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
             budget = torch.where(wrong & active, budget - 1, budget)
             (grad,) = torch.autograd.grad(loss_fn(output, y).sum(), x_adv)
             stepped = x_adv.detach() + step_size * grad.sign() + omega * torch.randn_like(x)
-            x_adv = torch.where(active[:, None, None, None], project(stepped, x, eps), x_adv.detach())
+            x_adv = torch.where(active[:, None, None, None], project(stepped, bounds), x_adv.detach())
     return x_adv.detach()
 
 
@@ -385,7 +391,7 @@ def nattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, max_
         running = torch.ones(n, dtype=torch.bool, device=x.device)
 
         def to_image(latent, center):  # g(latent), projected into the eps-ball around center
-            return project(0.5 * (torch.tanh(latent) + 1), center, eps)
+            return project(0.5 * (torch.tanh(latent) + 1), ball(center, eps))
 
         def forward(images):
             return torch.cat([view(part).float() for part in images.split(chunk)])
@@ -449,13 +455,10 @@ def _pyautoattack():
 
 
 def reset_dynamic_check() -> None:
-    """Zero the call counter of AutoAttack's dynamic-defence check.
-
-    `checks.check_dynamic` traces the model's forward and counts calls of functions named `grad`,
-    `backward` and `_make_grads` in a module-level dict that nothing ever resets (the same in
-    fra31/auto-attack). Once one model has computed a gradient inside its forward (CIFS does, by
-    design: its mask is a gradient), every later model in the same process would be reported as a
-    dynamic defence. Zeroing it before each run attributes the warning to the model at hand."""
+    """Zero the call counter of AutoAttack's dynamic-defence check: `checks.check_dynamic` counts calls of
+    `grad`, `backward` and `_make_grads` during the model's forward in a module-level dict nothing resets
+    (as fra31/auto-attack). Once one model took a gradient inside its forward (the official CIFS module
+    does: its mask is a gradient), every later model in the process would be reported as dynamic."""
     counts = _pyautoattack().checks.funcs
     for name in counts:
         counts[name] = 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +37,11 @@ import attacks
 from data import DATASETS, dataset_info
 from models import MODELS, Network, build_model, official_to_ours
 from progress import EpochProgress, draw_curves, epoch_summary, run_banner
-from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, arg, broadcast_buffers, check_args,
-                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, input_shape,
-                         is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
-                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_directory,
-                         run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, RESUME_HELP, arg, broadcast_buffers,
+                         check_args, clean_and_robust_accuracy, console, data_loaders, data_parallel, device_settings,
+                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args,
+                         process_group, read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states,
+                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "cifs"
 
@@ -96,7 +95,7 @@ class Args:
     eval_every: int = arg(5, "epochs between the monitoring / held-out evaluations (and at the end)")
     eval_steps: int = arg(20, "PGD steps of those evaluations (step eps/10, no random start, fp32)")
     # --- data, device, speed -------------------------------------------------------------------
-    data_root: str = arg("data", "dataset folder")
+    data_root: str = arg(None, "dataset folder (default: data; for fmnist also Debian's copy, see docs/data.md)", str)
     synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
     synthetic_shape: str = arg(None, "C,H,W of the synthetic dataset (default 3,32,32)", str)
     seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
@@ -111,8 +110,7 @@ class Args:
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
-    resume: str = arg(None, "continue from this last.pt with its own settings (--epochs, --device, --log-interval, "
-                      "--eval-every may change)", str)
+    resume: str = arg(None, RESUME_HELP, str)
     init_from: str = arg(None, "start from the weights of a cifs.py checkpoint or of a state dict saved by the "
                          "official ResNet-18 script (the authors' warm start)", str)
     official_softmax_scale: float = arg(None, "with --init-from an official file: the mask scale it was trained with "
@@ -216,7 +214,7 @@ def relevance_mask(g: torch.Tensor, mask_fn: str, softmax_scale: float = 1.0) ->
     softmax: softmax_scale * softmax over channels (see SOFTMAX_SCALE); sigmoid: sigmoid(10 g);
     softplus: softplus_{beta=5}(g) (appendix A's CIFS-sigmoid and CIFS-softplus: in the authors'
     repository only as compiled modules, models/nets/__pycache__/resnet_CSAFR_top2_*.pyc)."""
-    g = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least (float64 stays: gradient checks)
+    g = g if g.dtype == torch.float64 else g.float()  # fp32 at least (float64 stays: gradient checks)
     if mask_fn == "softmax":
         return softmax_scale * F.softmax(g, dim=1)
     if mask_fn == "sigmoid":
@@ -235,10 +233,9 @@ class CIFS(nn.Module):
 
     forward(z, labels=None) -> (z * m[:, :, None, None], {"probe": p}), the `Network.insert` contract:
       p = probe(z), the raw probe logits on the non-detached z (their CE, Eq. 3, trains probe and backbone);
-      m = IMGF(g), g = dS/du: the gradient of S (the batch sum of the selected probe logits, see
-        `select_classes`) w.r.t. the pooled vector u, on a detached copy of u (Eq. 2, §3.2). So the
-        backbone gets d(z*m)/dz = m and input-gradient attacks see a constant mask; in train mode the
-        gradient keeps its graph (create_graph): the probe also learns through the mask.
+      m = IMGF(g), g = dS/du: the gradient of S (the sum of the selected probe logits, `select_classes`)
+        w.r.t. the pooled vector u (Eq. 2, §3.2; in closed form, see `relevance`): the backbone gets
+        d(z*m)/dz = m, attacks see a constant mask, in train mode the probe also learns through the mask.
     Train mode needs the true labels, passed as in the official `forward(x, y=None)` (`model(x, y)`);
     eval mode ignores them and uses the probe's own top-k (what test time and attacks see)."""
 
@@ -252,33 +249,29 @@ class CIFS(nn.Module):
         self.head = make_probe_head(channels, num_classes, probe, hidden)
         self.probe, self.mask_fn, self.softmax_scale, self.top_k = probe, mask_fn, softmax_scale, top_k
         # evaluate.py's "(through mask)" columns (default for CIFS models; --no-through-mask: off; not in
-        # either paper): the relevance is taken on u itself with create_graph, so gradients flow through m.
+        # either paper): the relevance is taken on u itself with its graph, so gradients flow through m.
         self.differentiable_mask = False
 
     def extra_repr(self) -> str:
         return f"probe={self.probe}, mask_fn={self.mask_fn}, softmax_scale={self.softmax_scale}, top_k={self.top_k}"
 
-    # Runs eagerly inside a --compile network: train mode backpropagates through g (create_graph), a
-    # double backward that torch.compile's AOTAutograd does not support (tests/test_cuda_paths.py).
-    @torch.compiler.disable
-    def relevance(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """g = dS/du (B x C) on a detached copy of the pooled feature u (CIFS Eq. 2)."""
-        # enable_grad: the relevance is itself a gradient, needed even under torch.no_grad().
-        with torch.enable_grad():
-            if self.differentiable_mask and u.requires_grad:  # the mask stays on the input's graph
-                u_detached, create_graph = u, True
-            else:
-                u_detached, create_graph = u.detach().requires_grad_(True), self.training
-            q = self.head(u_detached)
-            classes = select_classes(q.detach(), self.top_k, labels)  # indices: no gradient
-            score = q.gather(1, classes).sum()
-            (g,) = torch.autograd.grad(score, u_detached, create_graph=create_graph)
-        return g
-
-    def channel_mask(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The channel mask m (B x C) for z, in z's dtype."""
-        g = self.relevance(global_average_pool(z), labels)
-        return relevance_mask(g, self.mask_fn, self.softmax_scale).to(z.dtype)
+    def relevance(self, u: torch.Tensor, classes: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """CIFS Eq. 2, g = dS/du (B x C), in closed form: S = sum_i sum_{c in classes_i} q_ic (a class
+        selected twice counts twice), so by the chain rule through the probe: linear, q = W u + b:
+        g = sum_c W[c] (the selected rows of W); MLP, q = W2 softplus_5(h) + b2, h = W1 u + b1 (`hidden`):
+        g = W1^T (softplus_5'(h) * sum_c W2[c]), softplus_5'(h) = sigmoid(5 h), exactly 1 above torch's
+        threshold 5 h > 20 (its own backward op). The official code takes this gradient with autograd.grad;
+        this is the same function (tested, gradients included) without a nested autograd call, so it
+        compiles. Its graph, as the official create_graph: train mode, on the detached u with the graph to
+        the probe's parameters; eval mode, a constant; through the mask (evaluate.py), on u itself."""
+        through = self.differentiable_mask and u.requires_grad
+        g = F.embedding(classes, self.head[-1].weight).sum(1)  # = W[classes].sum(1): dS/d(probe input of W)
+        if self.probe == "mlp":
+            if self.training and not through:  # h on the detached u: no mask gradient into the backbone
+                hidden = self.head[0](u.detach())
+            beta, threshold = self.head[1].beta, self.head[1].threshold
+            g = torch.ops.aten.softplus_backward(g.to(hidden.dtype), hidden, beta, threshold) @ self.head[0].weight
+        return g if self.training or through else g.detach()
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if self.training and labels is None:
@@ -286,8 +279,11 @@ class CIFS(nn.Module):
                              "model(x, y), or model.eval() for top-k masks")
         if self.training and labels.shape != (z.shape[0],):
             raise ValueError(f"CIFS labels have shape {tuple(labels.shape)}, expected ({z.shape[0]},)")
-        p = self.head(global_average_pool(z))
-        m = self.channel_mask(z, labels if self.training else None)
+        u = global_average_pool(z)  # once: the probe's input and the point where Eq. 2 differentiates
+        hidden = self.head[0](u) if self.probe == "mlp" else None
+        p = self.head[2](self.head[1](hidden)) if self.probe == "mlp" else self.head(u)
+        classes = select_classes(p.detach(), self.top_k, labels if self.training else None)  # indices: no gradient
+        m = relevance_mask(self.relevance(u, classes, hidden), self.mask_fn, self.softmax_scale).to(z.dtype)
         return z * m[:, :, None, None], {"probe": p}
 
 
@@ -401,7 +397,8 @@ def joint_attack_loss(beta: float = 2.0):
         logits, emitted = output if isinstance(output, (tuple, list)) else (output, [])
         loss = F.cross_entropy(logits.float(), y, reduction="none")
         if emitted:
-            probe_sum = sum(F.cross_entropy(e["probe"].float(), y, reduction="none") for e in emitted)
+            first, *rest = (F.cross_entropy(e["probe"].float(), y, reduction="none") for e in emitted)
+            probe_sum = sum(rest, first)  # (sum() from 0 would add one op)
             loss = loss + (beta / len(emitted)) * probe_sum
         return loss
     return loss_fn
@@ -422,7 +419,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
     BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
     probs_adv = F.softmax(logits_adv.float(), 1)
     probs_clean = F.softmax(logits_clean.float(), 1)
-    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    wrong = probs_adv.scatter(1, y[:, None], -1.0).amax(1)  # max_{k != y}: a scatter, no one_hot host sync
     boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
     kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
     true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)
@@ -559,7 +556,7 @@ def initial_weights(args: Args, log) -> dict:
     """--init-from's weights: a checkpoint of this method (the network must fit) or an official state dict."""
     raw = read_torch_file(args.init_from, "--init-from")
     if is_checkpoint(raw):
-        return load_checkpoint(args.init_from, METHOD)["model"]
+        return load_checkpoint(args.init_from, METHOD, "--init-from")["model"]
     state, notes = official_state_dict(raw, args)
     for note in notes:
         log(f"--init-from: {note}")
@@ -620,7 +617,7 @@ def train(args: Args, log=print) -> dict:
                     loss.backward()
                     optimizer.step()
                     if world_size > 1:
-                        broadcast_buffers(model)  # rank 0's BatchNorm statistics in every process
+                        broadcast_buffers(model, args.sync_bn)  # rank 0's BatchNorm statistics in every process
                     progress.update({"loss": loss, **parts}, logits, y)  # progress line with ETA
                 metrics = progress.metrics(lr)
                 evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
@@ -645,10 +642,8 @@ def train(args: Args, log=print) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(Args, argv, __doc__.split("\n\n")[0])
-    try:
+    with console():  # one-line errors; Ctrl-C and SIGTERM end the run cleanly; line-buffered stdout
         train(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
-        sys.exit(f"error: {error}")
 
 
 # ---- end shared block ------------------------------------------------------------------------

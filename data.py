@@ -8,6 +8,7 @@ official codes)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -30,19 +31,20 @@ class DatasetInfo:
     augment: str  # 'crop_flip' (pad + random crop + h-flip) or 'none'
     padding: int  # crop padding; 0 when augment == 'none'
     train_size: int  # images in the full training split (for epoch-time estimates)
+    test_size: int  # images in the test split (Tiny ImageNet: val/)
 
 
 # The one table of per-dataset facts (FSR §4.1, CIFS appendices B-D): shapes, default eps and augmentation.
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
-    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000, 10_000),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), 8 / 255, "crop_flip", 4, 50_000, 10_000),
     # A decision of ours: no augmentation for SVHN, as FSR's train.py (the CIFS code crops + flips).
-    "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0, 73_257),
+    "svhn": DatasetInfo("svhn", 10, (3, 32, 32), 8 / 255, "none", 0, 73_257, 26_032),
     # Nothing is published for Tiny ImageNet's augmentation; we use the CIFAR recipe.
-    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4, 100_000),
-    "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0, 60_000),
+    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), 8 / 255, "crop_flip", 4, 100_000, 10_000),
+    "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), 0.3, "none", 0, 60_000, 10_000),
     # Offline stand-in for tests and demos (any shape). No flips: a mirrored grating is another class.
-    "synthetic": DatasetInfo("synthetic", 10, (3, 32, 32), 8 / 255, "none", 0, 5_000),
+    "synthetic": DatasetInfo("synthetic", 10, (3, 32, 32), 8 / 255, "none", 0, 5_000, 1_000),
 }
 
 
@@ -57,6 +59,7 @@ class ImageSplit:
     images: torch.Tensor  # uint8, N x C x H x W, CPU, contiguous
     labels: torch.Tensor  # int64, N
     num_classes: int
+    source: str = ""  # where it was read from (the console says it)
 
     def __post_init__(self):  # fail here rather than deep inside a training loop
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -87,6 +90,23 @@ _TORCHVISION = {
 }
 
 
+@contextlib.contextmanager
+def no_new_empty_folders(*folders: str):
+    """A failed look-up or download leaves none of `folders` (deepest first), or the missing parents of the last,
+    behind empty if it created them; folders that existed, or now hold something, stay."""
+    folders = [os.path.abspath(f) for f in folders]
+    while not os.path.exists(os.path.dirname(folders[-1])):
+        folders.append(os.path.dirname(folders[-1]))
+    new = [folder for folder in folders if not os.path.exists(folder)]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            with contextlib.suppress(OSError):  # not empty, or not ours to remove: left alone
+                os.rmdir(folder)
+        raise
+
+
 def _load_torchvision(name: str, root: str, train: bool, download: bool) -> ImageSplit:
     cls_name, files, url = _TORCHVISION[name]
     files = [os.path.join(root, f) for f in files[0 if train else 1]]
@@ -99,7 +119,8 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Imag
                               f"{', '.join(files)}, from {url}.") from None
     kwargs = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
     try:
-        ds = getattr(torchvision.datasets, cls_name)(root, download=download, **kwargs)
+        with no_new_empty_folders(root):
+            ds = getattr(torchvision.datasets, cls_name)(root, download=download, **kwargs)
     except (RuntimeError, OSError, urllib.error.URLError) as e:  # torchvision's message names no file
         if all(os.path.isfile(f) for f in files):  # all there: torchvision's MD5 check refused them
             raise DatasetNotFoundError(f"dataset {name!r}: the files are under root {root!r} ({', '.join(files)}) "
@@ -109,9 +130,9 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Imag
                                    f"or download=False). Expected: {', '.join(files)}. Get it from {url} and unpack "
                                    f"it into {root!r}.") from e
     if name == "svhn":  # already N x 3 x 32 x 32; torchvision maps digit '10' to 0
-        return ImageSplit(torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels), 10)
+        return ImageSplit(torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels), 10, root)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    return ImageSplit(images, torch.as_tensor(ds.targets, dtype=torch.int64), DATASETS[name].num_classes)
+    return ImageSplit(images, torch.as_tensor(ds.targets, dtype=torch.int64), DATASETS[name].num_classes, root)
 
 
 # ---- Fashion-MNIST: idx files read here (the offline Debian package first) --------------------
@@ -148,9 +169,10 @@ def _idx_file(folder: str, stem: str) -> str | None:
                  if os.path.isfile(os.path.join(folder, stem + ext))), None)
 
 
-def _load_fmnist(root: str, train: bool, download: bool) -> ImageSplit:
+def _load_fmnist(root: str, train: bool, download: bool, system: bool) -> ImageSplit:
+    """`system`: Debian's copy may stand in (no --data-root given); an explicit root is used or refused."""
     prefix = "train" if train else "t10k"
-    folders = [root, os.path.join(root, "FashionMNIST", "raw"), FMNIST_SYSTEM_DIR]
+    folders = [root, os.path.join(root, "FashionMNIST", "raw")] + ([FMNIST_SYSTEM_DIR] if system else [])
     for folder in folders:
         paths = [_idx_file(folder, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
         if None in paths:
@@ -163,17 +185,20 @@ def _load_fmnist(root: str, train: bool, download: bool) -> ImageSplit:
             raise ValueError(f"Fashion-MNIST idx files {paths[0]!r} / {paths[1]!r} disagree: {len(images)} images, "
                              f"{len(labels)} labels, max label {labels.max(initial=0)}")
         # np.frombuffer views are read-only: copy into writable, owned tensors
-        return ImageSplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
+        return ImageSplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10,
+                          folder + (" (Debian's copy; pass --data-root to use another)" if folder == FMNIST_SYSTEM_DIR else ""))
     msg = (f"Fashion-MNIST {prefix} idx files ({prefix}-images-idx3-ubyte, {prefix}-labels-idx1-ubyte, raw or .gz) "
            f"not found in any of: {', '.join(folders)}. Offline: `apt-get install dataset-fashion-mnist` (installs "
-           f"them in {FMNIST_SYSTEM_DIR}), or copy them from {FMNIST_URL} into {root!r}.")
+           f"them in {FMNIST_SYSTEM_DIR}{'' if system else ', read when no --data-root is given'}), or copy them "
+           f"from {FMNIST_URL} into {root!r}.")
     if not download:
         raise DatasetNotFoundError(msg + " (download=False)")
     try:  # torchvision downloads into <root>/FashionMNIST/raw/, which we search next time
-        ds = torchvision.datasets.FashionMNIST(root, train=train, download=True)
+        with no_new_empty_folders(folders[1], os.path.dirname(folders[1]), root):
+            ds = torchvision.datasets.FashionMNIST(root, train=train, download=True)
     except (RuntimeError, OSError, urllib.error.URLError) as e:
-        raise DatasetNotFoundError(msg + f" Download failed: {e}") from e
-    return ImageSplit(ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), 10)
+        raise DatasetNotFoundError(msg + f" Download failed: {' '.join(str(e).split())}") from e  # one line
+    return ImageSplit(ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), 10, folders[1])
 
 
 # ---- Tiny ImageNet: the standard tiny-imagenet-200 folder, decoded once and cached --------------
@@ -196,7 +221,7 @@ def _load_tinyimagenet(root: str, train: bool) -> ImageSplit:
     if os.path.isfile(cache):
         data = torch.load(cache, map_location="cpu", weights_only=True)
         if data["wnids"] == wnids:  # a changed wnids.txt invalidates the label order
-            return ImageSplit(data["images"], data["labels"], len(wnids))
+            return ImageSplit(data["images"], data["labels"], len(wnids), base)
     if train:
         rows = [(os.path.join(base, "train", w, "images", n), w) for w in wnids
                 for n in sorted(os.listdir(os.path.join(base, "train", w, "images"))) if n.endswith(".JPEG")]
@@ -220,7 +245,7 @@ def _load_tinyimagenet(root: str, train: bool) -> ImageSplit:
         if os.path.exists(tmp):
             os.remove(tmp)
         warnings.warn(f"could not write the Tiny ImageNet cache {cache!r}: {e}")
-    return ImageSplit(images, labels, len(wnids))
+    return ImageSplit(images, labels, len(wnids), base)
 
 
 # ---- Synthetic: class-conditional gratings a small CNN can learn --------------------------------
@@ -264,24 +289,24 @@ def make_synthetic(num_classes: int, shape: tuple, n: int, seed: int, train: boo
         signal = np.einsum("bghw,bgc->bchw", waves, colour[k])
         x = brightness[sl, None, None, None] + contrast[sl, None, None, None] * signal + noise[sl]
         images[sl] = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-    return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), num_classes)
+    return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), num_classes, "generated")
 
 
 # ---- Entry points ------------------------------------------------------------------------------
 
 
-def load_dataset(name: str, root: str = "data", train: bool = True, download: bool = True,
+def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
                  synthetic_shape: tuple | None = None, synthetic_size: int | None = None,
                  synthetic_classes: int = 10, seed: int = 0) -> ImageSplit:
     """One split as uint8 NCHW + int64 labels; train=False: the test split (Tiny ImageNet: val/).
-    synthetic_* and seed only affect name='synthetic'."""
+    synthetic_* and seed only affect name='synthetic'. root None: "data", where Debian's Fashion-MNIST may stand in."""
     info = dataset_info(name)
-    root = os.fspath(root)
+    system, root = root is None, os.fspath("data" if root is None else root)
     if name == "synthetic":
         size = synthetic_size if synthetic_size is not None else (5000 if train else 1000)
         return make_synthetic(synthetic_classes, tuple(synthetic_shape or info.shape), size, seed, train)
     if name == "fmnist":
-        return _load_fmnist(root, train, download)
+        return _load_fmnist(root, train, download, system)
     if name == "tinyimagenet":
         return _load_tinyimagenet(root, train)
     return _load_torchvision(name, root, train, download)

@@ -34,9 +34,10 @@ from data import DATASETS, balanced_subset, dataset_info, load_dataset
 from fsr import FSR, pool as fsr_pool
 from models import MODELS
 from progress import plot_training_curves
-from run_support import (AT_LEAST_1, NON_NEGATIVE, CheckpointError, arg, args_from_checkpoint, check_writable, flag,
-                         init_distributed, load_weights, parse_args, pick_device, read_torch_file, save_checkpoint,
-                         set_tf32, write_text_atomically)
+from run_support import (AT_LEAST_1, NON_NEGATIVE, RANGES, SEED, CheckpointError, RunStopped, arg,
+                         args_from_checkpoint, check_device, check_finite, check_writable, flag, init_distributed,
+                         load_weights, parse_args, pick_device, read_torch_file, save_checkpoint, set_tf32,
+                         write_text_atomically)
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -51,7 +52,7 @@ COLUMN_TITLES = {**TITLES, "autoattack": "AutoAttack", "autoattack-cifs": "AutoA
                  **{f"{n}-tm": f"{TITLES[n]} (through mask)" for n in WHITE_BOX},
                  **{f"{n}-worst": f"Worst-case {TITLES[n]}" for n in (*WHITE_BOX, "ensemble")},
                  "ti-fgsm": "TI-FGSM", "ti-i-fgsm": "TI-I-FGSM", "di-fgsm": "DI-FGSM", "nattack": "NAttack"}
-# FSR Table 5: what each FSR module passes on instead of f~ ("full", FSR.output), in the table's order.
+# FSR Table 5: what each FSR module passes on instead of f~ ("full"; see fsr_output), in the table's order.
 FSR_OUTPUTS = ("robust", "non_robust", "recalibrated", "full")
 FEATURE_NAMES = {"input": "f", "robust": "f+", "non_robust": "f-", "recalibrated": "f~-", "full": "f~",
                  "penultimate": "penultimate"}
@@ -117,7 +118,7 @@ class Args:
     autoattack_cifs_examples: int = arg(2000, "test images of --autoattack-cifs (class-balanced, --subset-seed)")
     epsilon: float = arg(None, "L-inf budget in image units (default: the dataset's)", float)
     batch_size: int = arg(500, "evaluation batch size")
-    data_root: str = arg("data", "dataset folder")
+    data_root: str = arg(None, "dataset folder (default: data; for fmnist also Debian's copy, see docs/data.md)", str)
     device: str = arg(None, "cuda | cpu (default: cuda if available)", str)
     seed: int = arg(0, "seed of random starts and AutoAttack")
     out: str = arg(None, "output folder (default: <first checkpoint's folder>/eval)", str)
@@ -168,8 +169,7 @@ RULES = {
     "attacks": (lambda v: any(v.split(",")) and set(v.split(",")) <= {"", *MAIN_ATTACKS},
                 f"give one or more of {', '.join(MAIN_ATTACKS)}"),
     "n_examples": (lambda v: v >= 1, "must be at least 1 (or left out for the full test set)"),
-    "epsilon": (lambda v: 0 < v <= 1, f"must be in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, "
-                "not 8)"),
+    "epsilon": RANGES["epsilon"],  # the training scripts' rule
     "official": (lambda v: v in METHODS, "use fsr or cifs"),
     "official_model": (lambda v: v in MODELS, f"use one of {', '.join(MODELS)}"),
     "official_dataset": (lambda v: v in DATASETS, f"use one of {', '.join(DATASETS)}"),
@@ -179,11 +179,15 @@ RULES = {
     "di_prob": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (the DI paper: 0.5)"),
     **dict.fromkeys(("ti_steps", "di_steps", "autoattack_cifs_examples", "restarts", "cw_steps", "batch_size",
                      "nattack_examples", "nattack_queries", "nattack_population", "nattack_batch_size"), AT_LEAST_1),
+    **dict.fromkeys(("seed", "subset_seed", "nattack_seed"), SEED),
 }
 
 
 def check_args(args: Args) -> None:
     """Refuse settings of the attacks above before any work, naming the flag and the fix."""
+    check_finite(args)
+    if " " in args.attacks:
+        raise ValueError(f"--attacks {args.attacks!r}: no spaces around the commas (--attacks {args.attacks.replace(' ', '')})")
     for name, (test, requirement) in RULES.items():
         value = getattr(args, name)
         if value is not None and not test(value):
@@ -199,6 +203,7 @@ def check_args(args: Args) -> None:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
     if (args.export_weights or args.robustbench_json) and len(args.checkpoints or []) != 1:
         raise ValueError("--export-weights / --robustbench-json take one checkpoint")
+    check_device(args.device)
 
 
 # ==== Rebuilding a model from what its checkpoint records ========================================
@@ -872,14 +877,14 @@ def masking_report(model, x, y, eps: float, args: Args, log=print, aa_warnings=N
             f"standard PGD-20 {standard:.2%} is {100 * (standard - pgd20):.2f} points above PGD-20 through the "
             f"mask {pgd20:.2%} (threshold {100 * MASK_GAP_THRESHOLD:g} points): the papers' attacks, which treat "
             "the mask as a constant, overstate this model's robustness; quote the worst-case columns")
-    if aa_warnings is not None:  # CIFS computes a gradient in its forward by design: that flag is only a note
+    if aa_warnings is not None:  # a gradient in a CIFS forward (the official module's) is by design: a note only
         expected = [w for w in aa_warnings if cifs_model and "dynamic defense" in w]
         others = [w for w in aa_warnings if w not in expected]
         checks["autoattack_warnings"] = not others
         lines["autoattack_warnings"] = f"AutoAttack raised no warning (other than expected notes): {others}"
         if expected:
-            notes.append("AutoAttack flags a dynamic defence: expected for CIFS, whose channel mask is a gradient "
-                         "computed inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
+            notes.append("AutoAttack flags a dynamic defence: expected for CIFS, whose official module computes its "
+                         "channel mask as a gradient inside the forward (CIFS Eq. 2); not a sign of gradient masking by itself, "
                          "the checks above decide")
     log(f"  masking report: attacks {strongest}" + (f"; reused from the table: {', '.join(reused)}" if reused else ""))
     for name, passed in checks.items():
@@ -1002,6 +1007,16 @@ def seed_summary(results: list, members: list) -> dict:
             "n": len(chosen), "configuration": json.loads(configuration(chosen[0])),
             "mean": {c: statistics.fmean(v) for c, v in values.items()},
             "std": {c: statistics.stdev(v) for c, v in values.items()}, "std_kind": "sample (n - 1)"}
+
+
+def other_checkpoint(result: str, path: str) -> str | None:
+    """The checkpoint whose result `result` (a JSON) holds, when that is another file than `path` (else None)."""
+    try:
+        with open(result) as file:
+            other = json.load(file)["checkpoint"]
+        return None if os.path.samefile(other, path) else other
+    except (OSError, ValueError, KeyError, TypeError):  # no such result, or its checkpoint is gone
+        return None
 
 
 def run_folder(path: str) -> str:
@@ -1206,6 +1221,8 @@ def draw_curves(args: Args, log=print) -> str:
 
 def main(argv=None) -> list:
     args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a redirected stdout as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         check_args(args)
         if args.curves:
@@ -1220,6 +1237,11 @@ def main(argv=None) -> list:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
         names = result_names(args.checkpoints)
         existing = [f"{name}.json" for name in names if os.path.exists(os.path.join(out, f"{name}.json"))]
+        others = [f"{name}.json (of {other})" for name, path in zip(names, args.checkpoints)
+                  if (other := other_checkpoint(os.path.join(out, f"{name}.json"), path))]
+        if others and not args.overwrite:  # another run whose folder has the same name: --overwrite would lose its result
+            raise FileExistsError(f"{out} already holds {', '.join(others)}, the result of another checkpoint from a run "
+                                  f"folder of the same name: pass another --out (--overwrite would replace it)")
         if existing and not args.overwrite:  # never replace an earlier result of the same checkpoint
             raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass another --out, or --overwrite "
                                   f"to replace {'it' if len(existing) == 1 else 'them'}")
@@ -1242,7 +1264,7 @@ def main(argv=None) -> list:
             write_text_atomically(stem + ".json", json.dumps(robustbench_info(results[0]), indent=1))
             export_weights(args.checkpoints[0], args, stem + ".pt")
             log(f"RobustBench model_info {stem}.json and weights-only {stem}.pt written (docs/other-tools.md)")
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (CheckpointError, RunStopped, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():

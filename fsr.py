@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +34,11 @@ import attacks
 from data import DATASETS, dataset_info
 from models import MODELS, Network, build_model, official_to_ours
 from progress import EpochProgress, draw_curves, epoch_summary, run_banner
-from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, CheckpointError, arg, broadcast_buffers, check_args,
-                         clean_and_robust_accuracy, data_loaders, data_parallel, device_settings, input_shape,
-                         is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args, process_group,
-                         read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states, run_directory,
-                         run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
+from run_support import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, RESUME_HELP, arg, broadcast_buffers,
+                         check_args, clean_and_robust_accuracy, console, data_loaders, data_parallel, device_settings,
+                         input_shape, is_checkpoint, learning_rate, load_checkpoint, load_weights, parse_args,
+                         process_group, read_torch_file, restore_rng, resume_checkpoint, resumed_settings, rng_states,
+                         run_directory, run_folder, save_checkpoint, seed_everything, seed_rank, write_metrics)
 
 METHOD = "fsr"
 
@@ -93,7 +92,7 @@ class Args:
     eval_every: int = arg(5, "epochs between the monitoring / held-out evaluations (and at the end)")
     eval_steps: int = arg(20, "PGD steps of those evaluations (step eps/10, no random start, fp32)")
     # --- data, device, speed -------------------------------------------------------------------
-    data_root: str = arg("data", "dataset folder")
+    data_root: str = arg(None, "dataset folder (default: data; for fmnist also Debian's copy, see docs/data.md)", str)
     synthetic_size: int = arg(None, "training images of the synthetic dataset", int)
     synthetic_shape: str = arg(None, "C,H,W of the synthetic dataset (default 3,32,32)", str)
     seed: int = arg(0, "seed of weights, data order, augmentation and attack noise")
@@ -108,8 +107,7 @@ class Args:
     # --- bookkeeping -------------------------------------------------------------------------
     run_name: str = arg(None, "run folder name under --runs-dir (default: derived from the settings)", str)
     runs_dir: str = arg("runs", "where run folders go")
-    resume: str = arg(None, "continue from this last.pt with its own settings (--epochs, --device, --log-interval, "
-                      "--eval-every may change)", str)
+    resume: str = arg(None, RESUME_HELP, str)
     init_from: str = arg(None, "start from the weights of a fsr.py checkpoint or of a state dict saved by the "
                          "official train.py (warm start)", str)
     log_interval: float = arg(30.0, "seconds between progress lines within an epoch (the first after 5 s)")
@@ -163,6 +161,10 @@ def conv_net(channels: int, hidden: int) -> nn.Sequential:
         nn.Conv2d(hidden, channels, 3, padding=1, bias=False))
 
 
+# Eq. 2's Gumbel noise -log(-log(u + 1e-8) + 1e-8) at the eval-mode u = 0.5, in fp32 as the official code: computed once.
+EVAL_GUMBEL = float(-torch.log(-torch.log(torch.full((64,), 0.5) + 1e-8) + 1e-8)[0])
+
+
 class FSR(nn.Module):
     """Feature Separation and Recalibration on a feature map f (B x C x H x W).
 
@@ -185,35 +187,31 @@ class FSR(nn.Module):
         """Eq. 2: m = softmax{(log s + g1)/tau, (log(1-s) + g2)/tau}[0] with s = sigmoid(r),
         g = -log(-log(u)), and the official 1e-8 guards. A two-way softmax is the sigmoid of the
         difference, which is what we compute. Training: u1, u2 ~ U(0, 1) per element; evaluation:
-        u1 = u2 = 0.5 (the mean of U(0, 1)), so g1 = g2 and m = sigmoid(r / tau) up to the guards.
-        Computed in fp32: 1/tau = 10 amplifies bf16 rounding."""
+        u1 = u2 = 0.5 (the mean of U(0, 1)), so g1 = g2 = EVAL_GUMBEL, a constant computed once, and
+        m = sigmoid(r / tau) up to the guards. Computed in fp32: 1/tau = 10 amplifies bf16 rounding."""
         score = torch.sigmoid(robustness_map.float())
         if self.binary_mask:  # Table A6 "Binary", Eq. 8: b = [sigmoid(r) >= 0.5] (no gradient to S)
             return (score >= 0.5).float()
+        gumbel_pos = gumbel_neg = EVAL_GUMBEL
         if self.training:
-            u_pos, u_neg = torch.rand_like(score), torch.rand_like(score)
-        else:
-            u_pos = u_neg = torch.full_like(score, 0.5)
-        gumbel_pos = -torch.log(-torch.log(u_pos + 1e-8) + 1e-8)
-        gumbel_neg = -torch.log(-torch.log(u_neg + 1e-8) + 1e-8)
+            gumbel_pos, gumbel_neg = (-torch.log(-torch.log(torch.rand_like(score) + 1e-8) + 1e-8) for _ in "+-")
         logit_pos = (torch.log(score + 1e-8) + gumbel_pos) / (self.tau + 1e-8)
         logit_neg = (torch.log(1 - score + 1e-8) + gumbel_neg) / (self.tau + 1e-8)
         return torch.sigmoid(logit_pos - logit_neg)
 
     def forward(self, feature: torch.Tensor, labels: torch.Tensor | None = None):
         if self.separation is not None:
-            mask = self.mask(self.separation(feature))  # m+ = m (robust), m- = 1 - m
+            mask = self.mask(self.separation(feature)).to(feature.dtype)  # m+ = m (robust), m- = 1 - m; as f under autocast
         else:  # "w/o Separation" (Table 6): m = 0, every activation is recalibrated
-            mask = torch.zeros_like(feature, dtype=torch.float32)
-        robust = mask * feature                   # f+ = m+ (x) f          (§3.1)
-        non_robust = (1 - mask) * feature         # f- = m- (x) f
-        heads = {"mask": mask}
+            mask = torch.zeros_like(feature)
+        robust, inverse = mask * feature, 1 - mask  # f+ = m+ (x) f (§3.1); m- = 1 - m, computed once
+        non_robust, heads = inverse * feature, {"mask": mask}  # f- = m- (x) f
         if self.separation is not None:
             heads["robust"] = self.head(pool(robust))          # p+ of Eq. 3
             heads["non_robust"] = self.head(pool(non_robust))  # p- of Eq. 3
         if self.recalibration is None:  # "w/o Recalibration" (Table 6): non-robust activations dropped
             return robust, heads
-        recalibrated = non_robust + (1 - mask) * self.recalibration(non_robust)  # f~- = f- + m- (x) R(f-) (§3.2)
+        recalibrated = non_robust + inverse * self.recalibration(non_robust)  # f~- = f- + m- (x) R(f-) (§3.2)
         heads["recalibrated"] = self.head(pool(recalibrated))                    # p~- of Eq. 4
         return robust + recalibrated, heads    # f~ = f+ + f~-
 
@@ -280,7 +278,7 @@ def official_state_dict(checkpoint: dict, args: Args) -> tuple[dict, list[str]]:
 
 def top_wrong_class(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y' of Eq. 3: the highest-scoring wrong class of the final logits (an index, no gradient)."""
-    return logits.detach().masked_fill(F.one_hot(y, logits.shape[1]).bool(), -torch.inf).argmax(1)
+    return logits.detach().scatter(1, y[:, None], -torch.inf).argmax(1)  # (one_hot would sync with the host)
 
 
 def non_robust_loss(logits: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor, kind: str) -> torch.Tensor:
@@ -335,7 +333,7 @@ def mart_loss(logits_clean, logits_adv, y, beta):
     BCE = CE(p', y) - log(1.0001 - max_{k != y} p'_k) and the official 1e-12 guards."""
     probs_adv = F.softmax(logits_adv.float(), 1)
     probs_clean = F.softmax(logits_clean.float(), 1)
-    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), -1.0).amax(1)
+    wrong = probs_adv.scatter(1, y[:, None], -1.0).amax(1)  # max_{k != y}: a scatter, no one_hot host sync
     boosted_ce = F.cross_entropy(logits_adv.float(), y) - torch.log(1.0001 - wrong + 1e-12).mean()
     kl = (probs_clean * (torch.log(probs_clean + 1e-12) - torch.log(probs_adv + 1e-12))).sum(1)
     true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)
@@ -461,7 +459,7 @@ def initial_weights(args: Args, log) -> dict:
     """--init-from's weights: a checkpoint of this method (the network must fit) or an official state dict."""
     raw = read_torch_file(args.init_from, "--init-from")
     if is_checkpoint(raw):
-        return load_checkpoint(args.init_from, METHOD)["model"]
+        return load_checkpoint(args.init_from, METHOD, "--init-from")["model"]
     state, notes = official_state_dict(raw, args)
     for note in notes:
         log(f"--init-from: {note}")
@@ -522,7 +520,7 @@ def train(args: Args, log=print) -> dict:
                     loss.backward()
                     optimizer.step()
                     if world_size > 1:
-                        broadcast_buffers(model)  # rank 0's BatchNorm statistics in every process
+                        broadcast_buffers(model, args.sync_bn)  # rank 0's BatchNorm statistics in every process
                     progress.update({"loss": loss, **parts}, logits, y)  # progress line with ETA
                 metrics = progress.metrics(lr)
                 evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
@@ -547,10 +545,8 @@ def train(args: Args, log=print) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(Args, argv, __doc__.split("\n\n")[0])
-    try:
+    with console():  # one-line errors; Ctrl-C and SIGTERM end the run cleanly; line-buffered stdout
         train(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
-        sys.exit(f"error: {error}")
 
 
 # ---- end shared block ------------------------------------------------------------------------

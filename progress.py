@@ -6,6 +6,7 @@ for several runs. matplotlib is optional: without it no figure is drawn. Plumbin
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from models import count_parameters
-from run_support import all_reduce_sum
+from run_support import REACHED, RunStopped, all_reduce_sum, flag
 
 LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
 
@@ -26,20 +27,26 @@ def format_seconds(seconds: float) -> str:
 class EpochProgress:
     """One training epoch's running figures: loss sums and correct predictions kept on the device (no sync
     per step), a progress line with the epoch's and the run's ETA after 5 s, then every --log-interval
-    seconds, and the epoch's metrics, summed over the processes of a torchrun run (global-batch figures)."""
+    seconds, and the epoch's metrics, summed over the processes of a torchrun run (global-batch figures). The first
+    step with a non-finite loss is kept on the device too, and checked at each progress line and at the epoch's
+    end, before anything is saved (no sync per step: the stop lags by at most one progress interval)."""
 
     def __init__(self, args, epoch: int, steps: int, world_size: int, log):
         self.args, self.epoch, self.steps, self.world_size, self.log = args, epoch, steps, world_size, log
         self.started = time.time()
         self.next_print = self.started + min(5.0, args.log_interval)
-        self.sums, self.correct, self.seen, self.done = {}, 0, 0, 0
+        self.sums, self.correct, self.seen, self.done, self.first_bad = {}, 0, 0, 0, 0
+        REACHED.update(epoch=epoch + 1, step=0)
 
     def update(self, losses: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0) + value.detach() * len(y)
         self.correct, self.seen, self.done = self.correct + (logits.argmax(1) == y).sum(), self.seen + len(y), self.done + 1
+        self.first_bad = torch.where((self.first_bad > 0) | torch.isfinite(losses["loss"].detach()), self.first_bad, self.done)
+        REACHED["step"] = self.done
         now = time.time()
         if now >= self.next_print and self.done < self.steps:
+            self.stop_if_non_finite(float(self.sums["loss"]))
             self.next_print = now + self.args.log_interval
             per_step = (now - self.started) / self.done
             epoch_left = per_step * (self.steps - self.done)
@@ -52,8 +59,20 @@ class EpochProgress:
         totals = all_reduce_sum(torch.stack([*(self.sums[name].float() for name in self.sums), self.correct.float(),
                                              torch.tensor(float(self.seen), device=self.correct.device)])).tolist()
         seconds, seen = time.time() - self.started, totals[-1]  # .tolist() waited for the device
+        self.stop_if_non_finite(totals[0])  # the loss sum of every process
         return {"epoch": self.epoch + 1, "lr": lr, **{name: total / seen for name, total in zip(self.sums, totals)},
                 "train_accuracy": totals[-2] / seen, "images_per_second": seen / seconds, "epoch_seconds": seconds}
+
+    def stop_if_non_finite(self, loss_sum: float) -> None:
+        """A non-finite loss ends the run before its state is saved: last.pt keeps the previous epoch."""
+        if math.isfinite(loss_sum) and not int(self.first_bad):
+            return
+        defaults = type(self.args)()
+        suspects = [f"{flag(name)} {value:g}" for name, value in vars(self.args).items() if isinstance(value, float)
+                    and name != "log_interval" and (name in ("lr", "weight_decay") or value != getattr(defaults, name))]
+        raise RunStopped(f"the training loss became non-finite at epoch {self.epoch + 1}, step "
+                         f"{int(self.first_bad) or '?'} (check {', '.join(suspects)}{', --amp' if self.args.amp else ''}"
+                         f" of this run): " + (f"last.pt keeps epoch {self.epoch}" if self.epoch else "no epoch was saved"))
 
 
 def epoch_summary(metrics: dict, args, history: list, train_accuracy_note: str) -> str:

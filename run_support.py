@@ -12,8 +12,10 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -30,6 +32,14 @@ from data import DeviceLoader, ImageSplit, balanced_subset, dataset_info, load_d
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, written by another method or by
     another version of the code, or with weights that do not fit the network."""
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a failed save): the message says why and what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C (console() installs the handler): the run folder is released the same way."""
 
 
 def arg(default, help: str, type=None, choices=None, positional: bool = False):
@@ -56,7 +66,7 @@ def parse_args(args_class, argv=None, description: str = ""):
     parser = OneLineErrors(description=description)
     for f in dataclasses.fields(args_class):
         meta = f.metadata
-        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        shown = "" if f.default is None or f.default is False else f" (default: {f.default})"  # 0 == False
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="+", help=meta["help"])
         elif f.default is False:
@@ -89,20 +99,31 @@ def int_list(name: str, text: str, length: int | None = None, increasing: bool =
 AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
 POSITIVE = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE = (lambda v: v >= 0, "must not be negative")
+SEED = (lambda v: 0 <= v < 2 ** 32, "must be in [0, 2**32) (numpy's seed range)")
 RANGES = {
     "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_every": AT_LEAST_1, "eval_steps": AT_LEAST_1,
-    "epsilon": (lambda v: 0 < v <= 1, f"is not in (0, 1]: budgets are in image units (pass 8/255 = {8 / 255:.5f}, not 8)"),
+    "epsilon": (lambda v: 0 < v <= 1, attacks.EPSILON_RULE),  # one rule for every script and attacks.py
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "trades_beta": NON_NEGATIVE,
     "mart_beta": NON_NEGATIVE, "fat_omega": NON_NEGATIVE, "log_interval": NON_NEGATIVE,
-    "monitor_size": (lambda v: v >= 0, "must not be negative (0: no monitoring)"),
+    "monitor_size": (lambda v: v >= 0, "must not be negative (0: no monitoring)"), "seed": SEED,
+    "run_name": (lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v,
+                 "must be a plain folder name (no '/', not '..'): the run goes under --runs-dir, which says where"),
 }
 ATTACK_RANGES = {"attack_steps": AT_LEAST_1, "attack_step_size": (lambda v: v > 0, "must be positive (e.g. eps/4)")}
 
 
+def check_finite(args) -> None:
+    """Every float setting (of any script's Args) that is set must be a finite number: inf passes range tests."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(name)} {value} must be a finite number")
+
+
 def check_args(args, method_ranges: dict) -> None:
     """Refuse, before any work, every resolved setting that would fail later or silently train something
-    else, in one line that names the flag and the fix: the range tables, then the cross-field rules of both
-    scripts (a method file checks its own after this)."""
+    else, in one line that names the flag and the fix: finite floats, the range tables, then the cross-field
+    rules of both scripts (a method file checks its own after this)."""
+    check_finite(args)
     ranges = {**RANGES, **(ATTACK_RANGES if args.strategy != "natural" else {}), **method_ranges}
     for name, (test, requirement) in ranges.items():
         value = getattr(args, name)
@@ -128,6 +149,14 @@ def check_args(args, method_ranges: dict) -> None:
     if not 0 <= args.val_size < kept:
         raise ValueError(f"--val-size {args.val_size} must be at least 0 and below the {kept} training images "
                          f"(0: train on all of them, as both papers)")
+    if kept - args.val_size < 10:  # the floor of --train-size
+        raise ValueError(f"--val-size {args.val_size} leaves {kept - args.val_size} training images: keep at least 10 "
+                         f"(lower --val-size or raise --train-size)")
+    if args.monitor_size > dataset_info(args.dataset).test_size:
+        raise ValueError(f"--monitor-size {args.monitor_size} is above the {dataset_info(args.dataset).test_size} "
+                         f"test images of {args.dataset}: give at most that many (0: no monitoring)")
+    if args.data_root is not None and args.dataset != "synthetic" and os.path.isfile(args.data_root):
+        raise ValueError(f"--data-root {args.data_root} is a file: give the folder that holds the dataset")
     check_device(args.device)
     if args.sync_bn and pick_device(args.device).type != "cuda":
         raise ValueError("--sync-bn synchronises BatchNorm over the GPUs of a torchrun run (torch's nn.SyncBatchNorm "
@@ -227,37 +256,59 @@ def device_settings(args):
 # ---- checkpoints and resume -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def atomic_target(path: str):
+    """The temporary file to write `path` through, renamed over it at the end (atomic: a reader, or a kill,
+    sees the old file or the new one). A failed write (full disk, quota) removes it and ends in one line."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError (inline_container)
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
+        raise RunStopped(f"could not write {path}: {reason} (a full disk or a quota?); the previous "
+                         f"{os.path.basename(path)}, if any, is intact: free some space and run again") from None
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Atomic: write a temporary file next to the target, then rename over it."""
-    torch.save(state, f"{path}.tmp{os.getpid()}")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    with atomic_target(path) as temporary:
+        torch.save(state, temporary)
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    with open(f"{path}.tmp{os.getpid()}", "w") as file:
+    with atomic_target(path) as temporary, open(temporary, "w") as file:
         file.write(text)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def read_torch_file(path: str, what: str = "checkpoint"):
-    """torch.load(path) on the CPU (tensors and plain containers only), or one line saying why not."""
+    """torch.load(path) on the CPU (tensors and plain containers only), or one line saying why not and what to do
+    (never torch's advice to load with weights_only=False: that runs code from the file)."""
+    if os.path.isdir(path):
+        last = os.path.join(path, "last.pt")
+        raise CheckpointError(f"{what} {path!r} is a folder, not a checkpoint" + (
+            f": give {last}" if os.path.isfile(last) else " (a run folder's checkpoint is <run>/last.pt)"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{what} {path!r} is unreadable (truncated or not a checkpoint): "
-                              f"{str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 (truncated zip, random bytes, another format: torch's messages vary)
+        raise CheckpointError(f"{what} {path!r} " + (
+            "holds Python objects besides tensors and plain containers, not loaded (that would run code from the "
+            "file)" if "Unsupported global" in str(error) else "is unreadable: " + (
+                "it is empty (0 bytes: an interrupted copy?)" if os.path.getsize(path) == 0 else "not a complete file "
+                "written by torch.save (truncated, corrupted, or another format)")) + "; give another checkpoint") from None
 
 
-def load_checkpoint(path: str, method: str) -> dict:
-    """Load a checkpoint written by `method`.py (fsr or cifs), or explain precisely why not."""
-    checkpoint = read_torch_file(path)
+def load_checkpoint(path: str, method: str, what: str = "--resume") -> dict:
+    """Load a checkpoint written by `method`.py (fsr or cifs) for `what` (--resume, --init-from), or say why not."""
+    checkpoint = read_torch_file(path, what)
     if not is_checkpoint(checkpoint):
-        raise CheckpointError(f"{path!r} is not a checkpoint written by fsr.py or cifs.py")
+        raise CheckpointError(f"{what} {path!r} is not a checkpoint written by fsr.py or cifs.py")
     if checkpoint["method"] != method:
-        raise CheckpointError(f"{path!r} is a {checkpoint['method']} checkpoint; "
-                              f"resume it with {checkpoint['method']}.py (evaluate.py reads both)")
+        raise CheckpointError(f"{what} {path!r} is a {checkpoint['method']} checkpoint, which {method}.py cannot "
+                              f"use: pass it to {checkpoint['method']}.py {what} (evaluate.py reads both)")
     return checkpoint
 
 
@@ -293,6 +344,7 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
 # of the epochs already run (a longer --epochs extends the run; FAT's tau schedule scales with it).
 RESUMABLE = ("epochs", "device", "log_interval", "eval_every", "data_root", "compile", "channels_last",
              "deterministic")
+RESUME_HELP = f"continue from this last.pt with its own settings (only {', '.join(map(flag, RESUMABLE))} may change)"
 
 
 def resumed_settings(args, checkpoint: dict, log):
@@ -319,8 +371,12 @@ def resume_checkpoint(args, method: str) -> dict | None:
     """The checkpoint --resume names (None for a new run), read and checked before any work."""
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run; --init-from starts a new one from given weights: pass one")
-    if args.resume and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} does not exist")
+    last = os.path.join(os.path.dirname(os.path.abspath(args.resume or "")), "last.pt")
+    if args.resume and os.path.isfile(args.resume) and os.path.basename(args.resume) != "last.pt" \
+            and os.path.isfile(last):  # its run would roll back to that epoch and overwrite last.pt
+        raise ValueError(f"--resume {args.resume}: a run continues from its last.pt ({args.resume} is an earlier "
+                         f"state, resuming it would overwrite {last}): pass --resume {last}, or --init-from "
+                         f"{args.resume} to start a new run from its weights")
     return load_checkpoint(args.resume, method) if args.resume else None
 
 
@@ -386,17 +442,17 @@ def data_parallel(update: nn.Module, device) -> nn.Module:
                                    **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
-def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's BatchNorm statistics to every process, after each update (one broadcast per dtype):
-    the next attack and the validation then see the same network everywhere. (DDP's own buffer
-    broadcast, turned off here, would happen only at its next forward, after the attack.)"""
-    buffers = list(model.buffers())
-    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # the same order in every process
+def broadcast_buffers(model: nn.Module, sync_bn: bool = False) -> None:
+    """Rank 0's BatchNorm running statistics to every process after each update, coalesced (one flat
+    broadcast, one foreach copy): the next attack and the validation then see the same network everywhere
+    (DDP's own buffer broadcast, turned off here, would come at its next forward, after the attack). None
+    under --sync-bn (statistics of the global batch: already equal), never num_batches_tracked (equal)."""
+    buffers = [buffer for name, buffer in model.named_buffers() if not name.endswith("num_batches_tracked")]
+    for dtype in () if sync_bn else dict.fromkeys(buffer.dtype for buffer in buffers):  # one: fp32 statistics
         group = [buffer for buffer in buffers if buffer.dtype == dtype]
         flat = torch.cat([buffer.reshape(-1) for buffer in group])
         dist.broadcast(flat, 0)
-        for buffer, value in zip(group, flat.split([buffer.numel() for buffer in group])):
-            buffer.copy_(value.view_as(buffer))
+        torch._foreach_copy_(group, [v.view_as(b) for b, v in zip(group, flat.split([b.numel() for b in group]))])
 
 
 def rng_states(device) -> list:
@@ -433,9 +489,9 @@ def data_loaders(args, device, memory_format, rank: int, world_size: int, log):
     seeded class-balanced subset, --val-size holds images of it out for best.pt, --monitor-size takes a fixed
     class-balanced subset of the test split (monitoring only). Held-out splits are sharded over processes."""
     shape = input_shape(args)
-    log(f"loading {args.dataset} from {args.data_root} ...")
     train_split = load_dataset(args.dataset, args.data_root, train=True, synthetic_shape=shape,
                                synthetic_size=args.synthetic_size, seed=args.seed)
+    log(f"loaded {args.dataset} from {train_split.source}" if args.dataset != "synthetic" else "synthetic images generated")
     if args.train_size is not None:
         train_split = subset(train_split, balanced_subset(train_split.labels, args.train_size,
                                                           train_split.num_classes, args.seed))
@@ -449,6 +505,10 @@ def data_loaders(args, device, memory_format, rank: int, world_size: int, log):
                                 padding=dataset_info(args.dataset).padding or 4,  # crop_flip forced on any dataset
                                 seed=args.seed, channels_last=memory_format == torch.channels_last,
                                 rank=rank, world_size=world_size)
+    images, classes = len(train_split), train_split.num_classes
+    if images < max(args.batch_size, classes):  # allowed (quick runs), said
+        log(f"note: only {images} training images, fewer than " + (f"the {classes} classes: some have none" if
+            images < classes else f"one batch of {args.batch_size}: one step per epoch"))
     held_out = {name: DeviceLoader(shard(split, rank, world_size), 500, device, shuffle=False)
                 for name, split in (("val", val_split), ("monitor", monitor_split)) if split is not None}
     description = (f"{len(train_split)} training images"
@@ -511,8 +571,44 @@ def run_folder(run_dir: str, args, resumed: bool, history: list, log):
         write_text_atomically(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
         write_metrics(run_dir, history)
         yield
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (console()): say where, and how to go on
+        last = os.path.join(run_dir, "last.pt")
+        raise type(stop)(f"interrupted at epoch {REACHED['epoch']}, step {REACHED['step']}: " + (
+            f"continue with --resume {last} (it keeps epoch {len(history)})" if history else
+            "no epoch was finished, nothing to resume")) from None
     finally:
         os.remove(lock)
+
+
+REACHED = {"epoch": 0, "step": 0}  # where the training loop is (EpochProgress keeps it): for an interrupted run's line
+
+
+@contextlib.contextmanager
+def console():
+    """main()'s frame: console lines reach a redirected stdout (nohup, SLURM, > log) as they are printed;
+    SIGTERM stops the run as Ctrl-C does (the run folder released); an expected failure is one line
+    'error: ...' without traceback, exit status 1 (130 after Ctrl-C, 143 after SIGTERM)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        print(f"error: {stop or 'interrupted before the first epoch began: nothing was written'}", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+    except (CheckpointError, RunStopped, FileExistsError, FileNotFoundError, ImportError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    except (MemoryError, RuntimeError) as error:  # the allocator's refusal (CPU, or CUDA's OutOfMemoryError)
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise
+        sys.exit(f"error: out of memory ({(str(error).strip() or 'no details').splitlines()[0][-80:]}): lower --batch-size or the "
+                 f"network's size (--model, --hidden), or use a device with more memory")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def take_lock(path: str, log) -> None:

@@ -7,7 +7,8 @@ OUT/rank<r>.pt, so that the test can compare the weights of every process (the r
 only rank 0's checkpoint). STOP > 0 interrupts every process when epoch STOP + 1 would be saved,
 like a job killed after STOP epochs. cpu-sync-bn: every BatchNorm of the network computes the
 statistics of the global batch (CPUSyncBatchNorm below: torch's nn.SyncBatchNorm, which --sync-bn uses,
-needs CUDA), so that a 2-process run can be compared with a 1-process one.
+needs CUDA), so that a 2-process run can be compared with a 1-process one. After every step each
+process checks that all its buffers equal rank 0's (`checked`), failing the run otherwise.
 """
 
 import importlib
@@ -72,6 +73,18 @@ class Interrupted(Exception):
     pass
 
 
+def checked(broadcast):
+    """run_support.broadcast_buffers, then a check that every buffer (num_batches_tracked too) equals rank 0's."""
+    def broadcast_and_check(model, sync_bn=False):
+        broadcast(model, sync_bn)
+        for name, buffer in model.named_buffers():
+            reference = buffer.clone()
+            dist.broadcast(reference, 0)
+            if not torch.equal(reference, buffer):
+                raise AssertionError(f"rank {dist.get_rank()}: {name} differs from rank 0's after a step")
+    return broadcast_and_check
+
+
 def main():
     method, out, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
     flags = sys.argv[sys.argv.index("--") + 1:]
@@ -80,6 +93,7 @@ def main():
     build_network = module.build_network
     convert = convert_to_cpu_sync_batchnorm if "cpu-sync-bn" in sys.argv[4:sys.argv.index("--")] else (lambda m: m)
     module.build_network = lambda args: built.append(convert(build_network(args))) or built[-1]
+    module.broadcast_buffers = checked(module.broadcast_buffers)  # every step: every buffer equal to rank 0's
     if stop:
         rng_states, saves = module.rng_states, []
 

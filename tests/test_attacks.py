@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from cifs import CIFS
 from conftest import EPS, SHAPE, accuracy
 from models import build_model
 
@@ -200,9 +199,17 @@ def test_autoattack_is_at_least_as_strong_as_pgd20(robust_model, synthetic):
 
 def test_autoattack_dynamic_flag_belongs_to_the_model_at_hand(robust_model, synthetic):
     """pyautoattack's dynamic-defence check counts gradient calls in a module-level counter it never
-    resets: without attacks.reset_dynamic_check, a plain model checked after a CIFS model is flagged."""
+    resets: without attacks.reset_dynamic_check, a plain model checked after one that takes a gradient
+    in its forward (as CIFS did before its relevance had a closed form) is flagged."""
+    class GradientInForward(torch.nn.Module):
+        def forward(self, z, labels=None):
+            with torch.enable_grad():
+                v = z.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(v.square().sum(), v)
+            return z + 0 * g, {}
+
     cifs_model = build_model("smallcnn", 10, SHAPE)
-    cifs_model.insert("conv3", CIFS(128, 10, "mlp"))
+    cifs_model.insert("conv3", GradientInForward())
     cifs_model.eval()
     x = synthetic[2][:4]
 
@@ -289,13 +296,13 @@ def test_trades_and_mart_start_unclipped_and_their_iterates_equal_the_official_r
     # The test can tell the two starts apart: from the clipped start (the former rule) some
     # examples end elsewhere after one step.
     torch.manual_seed(5)
-    clipped = attacks.project(x + 0.001 * torch.randn(x.shape), x, EPS)
+    clipped = attacks.project(x + 0.001 * torch.randn(x.shape), attacks.ball(x, EPS))
     with attacks.attack_mode(robust_model):
         clipped.requires_grad_(True)
         value = (F.kl_div(F.log_softmax(robust_model(clipped)[0], 1), F.softmax(robust_model(x)[0], 1), reduction="sum")
                  if strategy == "trades" else F.cross_entropy(robust_model(clipped)[0], y))
         (grad,) = torch.autograd.grad(value, clipped)
-    former = attacks.project(clipped.detach() + STEP * grad.sign(), x, EPS)
+    former = attacks.project(clipped.detach() + STEP * grad.sign(), attacks.ball(x, EPS))
     assert (ours(1) - former).abs().amax(dim=(1, 2, 3)).gt(1e-6).any()
 
 

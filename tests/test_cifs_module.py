@@ -15,6 +15,30 @@ def feature(batch=4, channels=6, size=3, seed=0, dtype=torch.float32):
     return torch.rand(batch, channels, size, size, generator=g, dtype=dtype) + 0.1  # > 0: m = out / z
 
 
+def relevance_of(module, u, labels=None):
+    """CIFS.relevance with the classes and hidden activation its forward would pass."""
+    hidden = module.head[0](u) if module.probe == "mlp" else None
+    q = module.head(u).detach()
+    return module.relevance(u, select_classes(q, module.top_k, labels if module.training else None), hidden)
+
+
+def autograd_forward(module, z, labels=None):
+    """The official form of CIFS.forward: Eq. 2 by torch.autograd.grad of S on u, the graph kept
+    (create_graph) in train mode (on a detached u) and through the mask (on u itself)."""
+    u = z.mean((2, 3))
+    p = module.head(u)
+    with torch.enable_grad():
+        if module.differentiable_mask and u.requires_grad:
+            v, create_graph = u, True
+        else:
+            v, create_graph = u.detach().requires_grad_(True), module.training
+        q = module.head(v)
+        classes = select_classes(q.detach(), module.top_k, labels if module.training else None)
+        (g,) = torch.autograd.grad(q.gather(1, classes).sum(), v, create_graph=create_graph)
+    m = relevance_mask(g, module.mask_fn, module.softmax_scale).to(z.dtype)
+    return z * m[:, :, None, None], {"probe": p}
+
+
 def linear_rows(module, classes):
     """Hand relevance for a linear probe: dS/du = sum of the weight rows of the selected classes."""
     weight = module.head[0].weight.detach()
@@ -52,12 +76,12 @@ def test_linear_relevance_is_the_sum_of_selected_weight_rows(num_classes, top_k)
 
     module.eval()
     expected = linear_rows(module, q.topk(top_k, 1).indices)
-    torch.testing.assert_close(module.relevance(u), expected)
+    torch.testing.assert_close(relevance_of(module, u), expected)
 
     module.train()
     y = q.argmin(1)  # never the argmax
     expected = linear_rows(module, torch.cat([y[:, None], q.topk(top_k, 1).indices[:, 1:]], 1))
-    torch.testing.assert_close(module.relevance(u, y), expected)
+    torch.testing.assert_close(relevance_of(module, u, y), expected)
 
     # Through the full forward: the mask is IMGF of that relevance, applied per channel.
     out, emitted = module(z, y)
@@ -71,7 +95,7 @@ def test_linear_relevance_with_label_at_rank_2_counts_it_twice():
     u = feature().mean((2, 3))
     q = module.head(u).detach()
     y = q.topk(2, 1).indices[:, 1]
-    torch.testing.assert_close(module.relevance(u, y), 2 * module.head[0].weight.detach()[y])
+    torch.testing.assert_close(relevance_of(module, u, y), 2 * module.head[0].weight.detach()[y])
 
 
 def test_mlp_relevance_matches_finite_differences():
@@ -88,7 +112,34 @@ def test_mlp_relevance_matches_finite_differences():
             plus = module.head(u + step).gather(1, classes).sum(1)
             minus = module.head(u - step).gather(1, classes).sum(1)
             numeric[:, c] = (plus - minus) / (2 * h)
-    torch.testing.assert_close(module.relevance(u), numeric, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(relevance_of(module, u), numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("probe", ["linear", "mlp"])
+@pytest.mark.parametrize("mode", ["train", "eval", "through the mask"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_closed_form_relevance_equals_the_autograd_form_with_every_gradient(dtype, tolerance, probe, mode, top_k):
+    """Eq. 2 in closed form = the official torch.autograd.grad form: outputs, probe logits, and the
+    gradients of a random functional of both to every parameter (the probe learns through the mask in
+    train mode) and to the input (through the mask). Large features put some 5 h above Softplus's
+    threshold 20, where its derivative is exactly 1."""
+    torch.manual_seed(0)
+    module = CIFS(6, 5, probe, hidden=7, top_k=top_k).to(dtype).train(mode == "train")
+    module.differentiable_mask = mode == "through the mask"
+    z = (40 * torch.randn(6, 6, 3, 3, dtype=dtype)).requires_grad_(True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    weights = torch.randn(6, 6, 3, 3, dtype=dtype), torch.randn(6, 5, dtype=dtype)
+    results = []
+    for forward in (module.forward, lambda z, y: autograd_forward(module, z, y)):
+        out, emitted = forward(z, y)
+        objective = (out * weights[0]).sum() + (emitted["probe"] * weights[1]).sum()
+        grads = torch.autograd.grad(objective, [z, *module.parameters()])
+        results.append([out, emitted["probe"], *grads])
+    for closed, reference in zip(*results):
+        assert (closed - reference).abs().max() <= tolerance * max(1.0, reference.abs().max())
+    if probe == "mlp":
+        assert (5 * module.head[0](z.mean((2, 3)))).abs().max() > 20  # the threshold is exercised
 
 
 # --- masks ------------------------------------------------------------------------------------
@@ -110,7 +161,7 @@ def test_forward_applies_the_mask_per_channel(mask_fn):
     module = CIFS(6, 4, "mlp", hidden=8, mask_fn=mask_fn, softmax_scale=2.0).eval()
     z = feature()
     out, _ = module(z)
-    m = relevance_mask(module.relevance(z.mean((2, 3))), mask_fn, 2.0)
+    m = relevance_mask(relevance_of(module, z.mean((2, 3))), mask_fn, 2.0)
     torch.testing.assert_close(out, z * m[:, :, None, None])
 
 

@@ -28,8 +28,8 @@ Forced on the CPU (the operation exists there; the tests below run the scripts' 
     this CPU but compiling one training run took 78 s on the 2-core VM; inductor's code generation
     is therefore not exercised. Found a bug: cifs.py --compile failed on its first training step
     ("torch.compile with aot_autograd does not currently support double backward": the CIFS
-    relevance is a gradient taken with create_graph in train mode); fixed by running
-    CIFS.relevance outside the compiled graph (torch.compiler.disable).
+    relevance was a gradient taken with create_graph in train mode); fixed first by running it
+    outside the compiled graph, now by its closed form (CIFS.relevance), which compiles whole.
   * CUDA RNG state in checkpoints (rng_states: torch.cuda.get_rng_state when device.type == 'cuda',
     else None; restore_rng: torch.cuda.set_rng_state only on CUDA and only when saved) ->
     test_amp_channels_last_run_resumes_bitwise (entries (cpu state, None), resumed bitwise),
@@ -263,7 +263,7 @@ def aot_eager(monkeypatch):
 @SCRIPTS
 def test_compiled_run_equals_the_eager_run(tmp_path, script, aot_eager):
     """--compile (with channels_last) through a whole TRADES run: attack, update, monitored PGD.
-    cifs.py failed here before CIFS.relevance was kept out of the compiled graph."""
+    cifs.py failed here while the CIFS relevance was a nested autograd.grad (double backward)."""
     args = tiny(script, tmp_path, strategy="trades", channels_last=True)
     compile_with_aot_eager, networks = torch.compile, []
     with pytest.MonkeyPatch.context() as patch:  # record what train() compiles
@@ -279,7 +279,7 @@ def test_compiled_run_equals_the_eager_run(tmp_path, script, aot_eager):
 
 def test_compiled_fsr_and_cifs_modules_match_eager(aot_eager):
     """The inserted modules alone, compiled: the same output and input gradient as eager, in eval
-    mode (deterministic) and, for CIFS, in train mode with labels (the double-backward path)."""
+    mode (deterministic) and, for CIFS, in train mode with labels (the probe learns through the mask)."""
     torch.manual_seed(0)
     feature = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     labels = torch.tensor([0, 1, 2, 3])

@@ -343,8 +343,36 @@ def test_fmnist_idx_files_in_every_supported_place(tmp_path, monkeypatch, layout
     folder = {"root": root, "torchvision": root / "FashionMNIST" / "raw", "debian": system}[layout]
     (train, labels), (test, test_labels) = write_fmnist(str(folder), gz)
     os.makedirs(root, exist_ok=True)
+    monkeypatch.chdir(tmp_path)  # Debian's copy stands in only for the default root ("data", no --data-root)
+    root = None if layout == "debian" else root
     check_split(load_dataset("fmnist", root, train=True, download=False), train, labels, "fmnist")
     check_split(load_dataset("fmnist", root, train=False, download=False), test, test_labels, "fmnist")
+    assert ("Debian's copy" in load_dataset("fmnist", root, download=False).source) == (layout == "debian")
+
+
+def test_an_explicit_data_root_is_used_or_refused_never_replaced(tmp_path, monkeypatch, capsys):
+    """fsr.py --dataset fmnist --data-root afile trained on Debian's copy: an explicit root is now used or
+    refused in one line; a failed look-up (download included) leaves no folder it created."""
+    system = tmp_path / "system"
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(system))
+    write_fmnist(str(system), gz=True)
+
+    def offline(root, **_):  # torchvision creates <root>/FashionMNIST/raw, then the download fails
+        os.makedirs(os.path.join(root, "FashionMNIST", "raw"), exist_ok=True)
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(data.torchvision.datasets, "FashionMNIST", offline)
+    for root in (tmp_path / "new" / "data", tmp_path / "system" / "FashionMNIST" / "raw"):
+        with pytest.raises(DatasetNotFoundError, match=str(root)):
+            load_dataset("fmnist", root)
+    assert sorted(os.listdir(tmp_path)) == ["system"] and sorted(os.listdir(system)) == sorted(
+        f"{p}-{k}-idx{n}-ubyte.gz" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1)))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        fsr.main(["--dataset", "fmnist", "--data-root", str(afile), "--device", "cpu", "--runs-dir", str(tmp_path)])
+    assert str(exit_info.value.code) == f"error: --data-root {afile} is a file: give the folder that holds the dataset"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "system"] and "Traceback" not in capsys.readouterr().err
 
 
 # =============================================================================================

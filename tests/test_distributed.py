@@ -28,7 +28,7 @@ def torchrun(*command, processes=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", *command],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -151,5 +151,5 @@ def test_speed_driver_times_the_fast_path_data_parallel(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               os.path.join(ROOT, "benchmarks", "speed.py"), *common, "--variants", "plain,reference"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert refused.returncode != 0 and "error: under torchrun only the fast-path" in refused.stderr

@@ -294,7 +294,7 @@ def test_adaptive_sweep_takes_the_minimum_and_the_per_example_and(checkpoints, t
         sweep = result["adaptive"][name]
         assert set(sweep) == set(evaluate.ADAPTIVE_BETAS)
         assert result["accuracy"][name] == min(sweep.values())
-        and_accuracy = torch.tensor(result["per_example"][name]).float().mean().item()
+        and_accuracy = sum(result["per_example"][name]) / len(result["per_example"][name])  # as the JSON: exact ratios
         assert and_accuracy <= result["accuracy"][name]
     # The per-example vector is the AND over beta_atk: re-run one beta and compare.
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
@@ -449,7 +449,9 @@ def test_nattack_respects_its_budget(checkpoints):
 def test_cifs_autoattack_has_the_authors_settings_and_climbs_the_joint_loss(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
     x, y = evaluate.load_split(run_args, "data", train=False)
-    x, y = x[:8], y[:8]
+    with torch.no_grad():  # points the attacks must work on (the tiny fixture's accuracy varies with rounding)
+        correct = model.eval()(x)[0].argmax(1) == y
+    x, y = x[correct][:8], y[correct][:8]
     joint = evaluate.sweep_loss("ce", evaluate.CIFS_AUTOATTACK_BETA, 50.0)
     adversary = attacks.cifs_autoattack_adversary(model, EPS, joint)
     assert adversary.attacks_to_run == ["apgd-ce", "square"]
@@ -476,7 +478,7 @@ def test_cifs_autoattack_has_the_authors_settings_and_climbs_the_joint_loss(chec
     assert len(calls) >= 4 + 1
 
 
-def test_autoattack_in_one_run_flags_only_the_cifs_model_and_cifs_protocol_is_bounded(checkpoints, tmp_path):
+def test_autoattack_in_one_run_flags_no_model_and_cifs_protocol_is_bounded(checkpoints, tmp_path):
     # eps 0.3: APGD breaks every point in its first restart, so neither the standard nor the CIFS
     # AutoAttack spends its later restarts or Square queries; the checks run all the same.
     paths = [checkpoints[name] for name in ("natural", "cifs", "fsr")]
@@ -485,7 +487,7 @@ def test_autoattack_in_one_run_flags_only_the_cifs_model_and_cifs_protocol_is_bo
                              "--aa-attacks", "apgd-ce", "--epsilon", "0.3", "--autoattack-cifs",
                              "--autoattack-cifs-examples", "20"])
     flagged = [any("dynamic defense" in w for w in r["autoattack_warnings"]) for r in results]
-    assert flagged == [False, True, False]
+    assert flagged == [False, False, False]  # CIFS's mask is a closed form: no gradient inside its forward
     for r in results:
         cifs_run = r["autoattack_cifs"]
         _, y_all = evaluate.load_split(evaluate.load_network(r["checkpoint"], torch.device("cpu"))[1], "data",
@@ -500,7 +502,7 @@ def test_autoattack_in_one_run_flags_only_the_cifs_model_and_cifs_protocol_is_bo
 def test_cifs_autoattack_never_above_natural_at_8_255(checkpoints):
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))
     x, y = evaluate.load_split(run_args, "data", train=False)
-    args = evaluate.Args(autoattack_cifs_examples=20, log_interval=1e9)
+    args = evaluate.Args(autoattack_cifs_examples=40, log_interval=1e9)
     result, _ = evaluate.run_autoattack_cifs(model, x, y, 10, args, EPS, lambda *a: None, n_restarts=1, n_iter=10,
                                              n_queries=30)
     robust, natural = torch.tensor(result["per_example"]), torch.tensor(result["natural_per_example"])

@@ -473,7 +473,7 @@ def test_checkpoint_of_another_method_is_refused(tiny_run, tmp_path):
     checkpoint = torch.load(tiny_run / "last.pt", weights_only=True)
     checkpoint["method"] = "cifs"
     torch.save(checkpoint, tmp_path / "cifs.pt")
-    with pytest.raises(fsr.CheckpointError, match="cifs"):
+    with pytest.raises(run_support.CheckpointError, match="cifs"):
         run_support.load_checkpoint(str(tmp_path / "cifs.pt"), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(tmp_path / "cifs.pt")])
@@ -484,7 +484,7 @@ def test_truncated_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path
     data = (tiny_run / "last.pt").read_bytes()
     truncated = tmp_path / "last.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(fsr.CheckpointError, match="truncated|unreadable"):
+    with pytest.raises(run_support.CheckpointError, match="truncated|unreadable"):
         run_support.load_checkpoint(str(truncated), "fsr")
     with pytest.raises(SystemExit) as exit_info:
         fsr.main(["--resume", str(truncated)])

@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"attacks", "cifs", "data", "evaluate", "fsr", "models", "progress", "run_support"}
 BUDGETS = {  # lines per Python file of the project (tests apart)
-    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 400, "run_support.py": 560, "progress.py": 140,
-    "attacks.py": 600, "evaluate.py": 1260, "benchmarks/speed.py": 840,
+    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 425, "run_support.py": 650, "progress.py": 155,
+    "attacks.py": 600, "evaluate.py": 1280, "benchmarks/speed.py": 840,
 }
-TOTAL_BUDGET = 5510
+TOTAL_BUDGET = 5665  # +155 for issue #27 (refusals, NaN stop, signals, full disk, --data-root); +90 for #28 (other tools)
 
 
 def lines(name: str) -> int:
