@@ -12,7 +12,7 @@ BUDGETS = {  # lines per Python file of the project (tests apart)
     "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 425, "run_support.py": 635, "progress.py": 155,
     "attacks.py": 600, "evaluate.py": 1205, "benchmarks/speed.py": 840,
 }
-TOTAL_BUDGET = 5575  # +155 for issue #27 (refusals, NaN stop, signals, full disk, --data-root)
+TOTAL_BUDGET = 5580  # +155 for issue #27 (refusals, NaN stop, signals, full disk, --data-root), +5 for #26 and the merges
 
 
 def lines(name: str) -> int:
