@@ -622,7 +622,7 @@ def train(args: Args, log=print) -> dict:
                 metrics = progress.metrics(lr)
                 evaluating = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
                 for name, loader in held_out.items() if evaluating else ():  # "val" (--val-size), "monitor" (test)
-                    metrics[f"{name}_clean"], metrics[f"{name}_robust"] = clean_and_robust_accuracy(model, loader, args)
+                    metrics[f"{name}_clean"], metrics[f"{name}_robust"] = clean_and_robust_accuracy(model, loader, args, log, name)
                 history.append(metrics)
                 state = {"method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_robust": best_robust,

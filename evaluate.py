@@ -36,7 +36,8 @@ from models import MODELS
 from progress import plot_training_curves
 from run_support import (AT_LEAST_1, NON_NEGATIVE, RANGES, SEED, CheckpointError, RunStopped, arg,
                          args_from_checkpoint, check_device, check_finite, check_writable, flag, init_distributed,
-                         load_weights, parse_args, pick_device, read_torch_file, set_tf32, write_text_atomically)
+                         load_weights, parse_args, pick_device, read_torch_file, save_checkpoint, set_tf32,
+                         write_text_atomically)
 
 METHODS = ("fsr", "cifs")
 MAIN_ATTACKS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack")
@@ -80,6 +81,17 @@ BOOKKEEPING = ("seed", "run_name", "runs_dir", "resume", "device", "log_interval
 OFFICIAL_NETWORK_SETTINGS = {"fsr": ("model", "dataset", "positions", "hidden", "tau"),
                              "cifs": ("model", "dataset", "no_cifs", "positions", "probes", "hidden", "mask_fn",
                                       "softmax_scale", "top_k")}
+# RobustBench's model_info (robustbench/utils.py ModelInfo; docs/other-tools.md): each method's paper, the datasets
+# RobustBench lists that we train (both at eps 8/255), the names it gives our backbones.
+PAPERS = {"fsr": {"link": "https://arxiv.org/abs/2303.13846", "venue": "CVPR 2023", "name": "Feature Separation and "
+                  "Recalibration for Adversarial Robustness", "authors": "Woo Jae Kim, Yoonki Cho, Junsik Jung, "
+                  "Sung-Eui Yoon"},
+          "cifs": {"link": "https://arxiv.org/abs/2102.05311", "venue": "ICML 2021", "name": "CIFS: Improving "
+                   "Adversarial Robustness of CNNs via Channel-wise Importance-based Feature Selection", "authors":
+                   "Hanshu Yan, Jingfeng Zhang, Gang Niu, Jiashi Feng, Vincent Y. F. Tan, Masashi Sugiyama"}}
+ROBUSTBENCH_DATASETS = ("cifar10", "cifar100")
+ARCHITECTURES = {"resnet18": "ResNet-18", "resnet10": "ResNet-10", "resnet50": "ResNet-50", "vgg16": "VGG-16",
+                 "wrn34_10": "WideResNet-34-10", "wrn28_10": "WideResNet-28-10", "smallcnn": "SmallCNN"}
 
 
 @dataclass
@@ -145,6 +157,11 @@ class Args:
                             "which the official test scripts also get there, runs them in TF32)")
     overwrite: bool = arg(False, "replace earlier results of the same checkpoints in --out (refused otherwise)")
     curves: bool = arg(False, "draw the training curves of the given run folders, overlaid, into <out>/curves.png")
+    export_weights: str = arg(None, "only write the checkpoint's weights-only export to this path (state dict and the "
+                              "settings that rebuild the network; docs/other-tools.md), no attack", str)
+    robustbench_json: str = arg(None, "also write RobustBench's model_info <out>/NAME.json and the weights-only "
+                                "<out>/NAME.pt (needs natural and standard AutoAttack on the full test set, the "
+                                "dataset's eps)", str)
 
 
 # check_args's rules: (test, what a value must be), as run_support.RANGES. Unset values (None) are skipped.
@@ -185,6 +202,8 @@ def check_args(args: Args) -> None:
     if (args.ti_iterative or args.di_shrink) and not args.transfer_source:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
     check_device(args.device)
+    if (args.export_weights or args.robustbench_json) and len(args.checkpoints or []) != 1:
+        raise ValueError("--export-weights / --robustbench-json take one checkpoint")
 
 
 # ==== Rebuilding a model from what its checkpoint records ========================================
@@ -192,6 +211,8 @@ def check_args(args: Args) -> None:
 def read_checkpoint(path: str, args: Args | None = None):
     """(method module, run Args, state dict, notes, origin: None, or which official code) of a checkpoint."""
     raw = read_torch_file(path)
+    if isinstance(raw, dict) and {"method", "settings", "state_dict"} <= set(raw):  # a weights-only export
+        raw = {"method": raw["method"], "args": raw["settings"], "model": raw["state_dict"]}
     if isinstance(raw, dict) and raw.get("method") in METHODS and "args" in raw and "model" in raw:
         module = importlib.import_module(raw["method"])  # fsr.py or cifs.py knows how to build its network
         return module, args_from_checkpoint(module.Args, raw["args"], path, raw["method"]), raw["model"], [], None
@@ -244,6 +265,45 @@ def load_model(path: str, device="cpu", official: str | None = None, model: str 
                 official_softmax_scale=softmax_scale, official_tau=tau)
     check_args(args)
     return attacks.LogitsOnly(load_network(path, torch.device(device), args)[0]).eval()
+
+
+def export_weights(path: str, args: Args, target: str) -> dict:
+    """The weights-only export of a checkpoint (docs/other-tools.md): its network's state dict and the settings that
+    rebuild it (`<method>.build_network(<method>.Args(**settings))`); load_model and RobustBench read it."""
+    model, run_args, module, origin = load_network_and_origin(path, torch.device("cpu"), args)
+    export = {"method": module.__name__, "settings": dataclasses.asdict(run_args), "origin": origin,
+              "state_dict": model.state_dict()}
+    save_checkpoint(export, target)
+    return export
+
+
+def robustbench_refusal(args: Args, run_args) -> list:
+    """What an evaluation lacks for RobustBench's model_info ([] when it qualifies)."""
+    columns, standard = args.attacks.split(","), dataset_info(run_args.dataset).epsilon
+    return [need for need, missing in (
+        (f"a dataset RobustBench lists ({', '.join(ROBUSTBENCH_DATASETS)}; this checkpoint's: {run_args.dataset})",
+         run_args.dataset not in ROBUSTBENCH_DATASETS),
+        ("the natural column (--attacks natural,autoattack)", "natural" not in columns),
+        ("standard AutoAttack (autoattack in --attacks, --aa-version standard)",
+         "autoattack" not in columns or args.aa_version != "standard"),
+        ("the full test set (no --n-examples)", args.n_examples is not None),
+        (f"the dataset's eps {standard:.5f} (no --epsilon)", args.epsilon not in (None, standard))) if missing]
+
+
+def robustbench_info(result: dict) -> dict:
+    """RobustBench's model_info of a qualifying result: the paper's facts, ours, accuracies as percent strings."""
+    run, accuracy, method = result["run"], result["accuracy"], result["method"]
+    plain = run.get("no_fsr") or run.get("no_cifs")
+    network = ARCHITECTURES.get(run["model"], run["model"]) + ("" if plain else f" + {method.upper()}")
+    note = (f"Trained and evaluated with the CIFS / FSR reference implementation ({method}.py, strategy "
+            f"{run.get('strategy', 'official')}; evaluate.py, AutoAttack standard via pyautoattack on "
+            f"{len(result['labels'])} test images); reported: that evaluation's AutoAttack accuracy, not the paper's.")
+    if method == "cifs" and not plain:
+        note += " CIFS computes its channel mask from a gradient inside its forward; AutoAttack treats it as a constant."
+    robust = f"{100 * accuracy['autoattack']:.2f}"  # RobustBench's accuracies: percent strings, two decimals
+    return {**PAPERS[method], "additional_data": False, "number_forward_passes": 1, "dataset": run["dataset"],
+            "architecture": network, "eps": f"{round(result['protocol']['epsilon'] * 255)}/255",
+            "clean_acc": f"{100 * accuracy['natural']:.2f}", "reported": robust, "autoattack_acc": robust, "footnote": note}
 
 
 def load_split(run_args, data_root: str, train: bool):
@@ -442,14 +502,14 @@ def evaluate_checkpoint(path: str, args: Args, log=print, prepared: tuple | None
         extra["fsr_analysis"], timings["fsr_analysis"] = fsr_analysis(model, run_args, args, eps, x, y, done, log)
     if args.masking_report:  # with the table's FGSM and PGD-20 when they ran its protocol (from x, one restart)
         known = {} if args.random_start or args.restarts != 1 else {
-            (name, view): verdicts["final"].float().mean().item()
+            (name, view): share(verdicts["final"])
             for (name, beta, view), verdicts in done.items() if name in ("fgsm", "pgd20") and beta == "0"}
         extra["masking_report"], timings["masking_report"] = masking_report(
             model, x, y, eps, args, log, aa_warnings if "autoattack" in columns else None, known, run_args.dataset)
     if args.channel_analysis:
         extra["channel_analysis"], timings["channel_analysis"] = channel_analysis(
             model, attack_fn("pgd20", run_args, args, eps), x, y, info.num_classes, args, log)
-    per_class = {name: [v[y == c].float().mean().item() for c in range(info.num_classes)]
+    per_class = {name: [share(v[y == c]) for c in range(info.num_classes)]
                  for name, v in per_example.items()}
     run = dataclasses.asdict(run_args)
     if origin is not None:  # the authors' file: what it is, not our recipe's settings (which did not train it)
@@ -485,8 +545,8 @@ def record_column(name: str, results: dict, seconds: float, tables: tuple, log) 
     per_example, heads, timings, sweep = tables
     per_example[name] = torch.stack([r["final"] for r in results.values()]).all(0)
     if len(results) > 1:
-        sweep[name] = {beta: r["final"].float().mean().item() for beta, r in results.items()}
-    heads[name] = {key: v.float().mean().item() for key, v in results["0"].items() if key != "final"}
+        sweep[name] = {beta: share(r["final"]) for beta, r in results.items()}
+    heads[name] = {key: share(v) for key, v in results["0"].items() if key != "final"}
     timings[name] = seconds
     log(f"  {COLUMN_TITLES[name]:>10}: {column_accuracy(name, per_example, sweep):.2%} ({seconds:.1f} s)")
 
@@ -530,7 +590,7 @@ def through_mask_columns(model, columns, run_args, args, eps, betas, x, y, table
         worst_of["ensemble-worst"] = ["natural", *(name + "-worst" for name in WHITE_BOX)]
     for name, members in worst_of.items():
         per_example[name] = ensemble_of(per_example, members)
-        log(f"  {COLUMN_TITLES[name]:>10}: {per_example[name].float().mean().item():.2%}")
+        log(f"  {COLUMN_TITLES[name]:>10}: {share(per_example[name]):.2%}")
     return {"applied": True, "columns": [name + "-tm" for name in run], "worst_case_of": worst_of,
             "beta_atk": list(betas)}
 
@@ -583,11 +643,11 @@ def run_nattack(model, x_all, y_all, num_classes: int, args: Args, eps: float, l
     correct, broken, queries = (torch.cat(column) for column in zip(*parts))
     robust, attacked = correct & ~broken, correct & broken
     spent = queries[attacked].float()
-    result = {"indices": indices.tolist(), "accuracy": robust.float().mean().item(),
-              "natural": correct.float().mean().item(), "per_example": robust.int().tolist(),
+    result = {"indices": indices.tolist(), "accuracy": share(robust),
+              "natural": share(correct), "per_example": robust.int().tolist(),
               "queries": queries.tolist(), "max_queries": args.nattack_queries,
               "population": args.nattack_population, "seed": args.nattack_seed,
-              "success_rate": attacked.float().sum().item() / max(1, int(correct.sum())),
+              "success_rate": int(attacked.sum()) / max(1, int(correct.sum())),
               "mean_queries_successful": spent.mean().item() if len(spent) else None,
               "median_queries_successful": spent.median().item() if len(spent) else None}
     log(f"  {'NAttack':>10}: {result['accuracy']:.2%} ({time.time() - started:.1f} s)")
@@ -610,8 +670,8 @@ def run_autoattack_cifs(model, x_all, y_all, num_classes: int, args: Args, eps: 
                                        progress=show_progress, **budget)
     natural, _ = run_attack(model, lambda m, xb, yb: xb, x, y, args, "autoattack-cifs natural", log)
     verdicts, _, warnings = run_autoattack(model, attack, x, y, args, "autoattack-cifs", log)
-    result = {"indices": indices.tolist(), "accuracy": verdicts["final"].float().mean().item(),
-              "natural": natural["final"].float().mean().item(), "per_example": verdicts["final"].int().tolist(),
+    result = {"indices": indices.tolist(), "accuracy": share(verdicts["final"]),
+              "natural": share(natural["final"]), "per_example": verdicts["final"].int().tolist(),
               "natural_per_example": natural["final"].int().tolist(), "warnings": warnings,
               "protocol": {"attacks": ["apgd-ce", "square"], "apgd_restarts": budget.get("n_restarts", 5),
                            "apgd_iterations": budget.get("n_iter", 100),
@@ -673,7 +733,7 @@ def fsr_analysis(model, run_args, args: Args, eps: float, x, y, done: dict, log)
                 verdicts[name] = result["final"]
         verdicts["ensemble"] = ensemble_of(verdicts, ENSEMBLE_OF)
         outputs[output] = {"feature": FEATURE_NAMES[output],
-                           "accuracy": {name: v.float().mean().item() for name, v in verdicts.items()},
+                           "accuracy": {name: share(v) for name, v in verdicts.items()},
                            "per_example": {name: v.int().tolist() for name, v in verdicts.items()}}
         log(f"  Table 5 (a), {FEATURE_NAMES[output]} passed on: " +
             ", ".join(f"{COLUMN_TITLES[n]} {a:.2%}" for n, a in outputs[output]["accuracy"].items()))
@@ -742,8 +802,8 @@ def knn_report(model, run_args, args: Args, eps: float, x, y, log) -> dict:
     reference, labels = fsr_features(model, x_train[chosen], args), y_train[chosen]
     x_adv = adversarial_examples(model, attack_fn("pgd20", run_args, args, eps), x, y, args, "k-NN PGD-20", log)
     queries = {"adversarial": fsr_features(model, x_adv, args), "natural": fsr_features(model, x, args)}
-    accuracy = {feature: {f"{kind}_k{k}": (knn_predict(queries[kind][feature], reference[feature], labels, k,
-                                                        info.num_classes) == y).float().mean().item()
+    accuracy = {feature: {f"{kind}_k{k}": share(knn_predict(queries[kind][feature], reference[feature], labels, k,
+                                                              info.num_classes) == y)
                           for kind in queries for k in KNN_K}
                 for feature in reference}
     for feature, values in accuracy.items():
@@ -878,9 +938,14 @@ def channel_analysis(model, pgd20, x, y, num_classes: int, args: Args, log) -> t
 
 # ==== Reporting and output =======================================================================
 
+def share(verdicts: torch.Tensor) -> float:
+    """The fraction of True among per-example verdicts, from integer counts (2 of 20: 0.1, not 0.10000000149)."""
+    return int(verdicts.sum()) / len(verdicts) if len(verdicts) else math.nan
+
+
 def column_accuracy(name: str, per_example: dict, sweep: dict) -> float:
     """A column's accuracy: the minimum over beta_atk when swept (Table B.3), else the mean."""
-    return min(sweep[name].values()) if name in sweep else per_example[name].float().mean().item()
+    return min(sweep[name].values()) if name in sweep else share(per_example[name])
 
 
 def protocol(args: Args, run_args, eps: float, betas, cifs_model: bool, precision: str = "fp32") -> dict:
@@ -1163,6 +1228,10 @@ def main(argv=None) -> list:
         if args.curves:
             draw_curves(args)
             return []
+        if args.export_weights:
+            export_weights(args.checkpoints[0], args, args.export_weights)
+            print(f"weights-only export written to {args.export_weights}")
+            return []
         rank = init_distributed(pick_device(args.device))[0]
         log = print if rank == 0 else (lambda *_: None)  # under torchrun only rank 0 prints and writes
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "eval")
@@ -1180,12 +1249,21 @@ def main(argv=None) -> list:
         # Every checkpoint (its file, version, weights, test split) before the first attack runs.
         source = load_source(args)
         prepared = [prepare(path, args, log, source) for path in args.checkpoints]
+        missing = robustbench_refusal(args, prepared[0][1]) if args.robustbench_json else []
+        if missing:
+            raise ValueError("--robustbench-json: RobustBench lists standard AutoAttack on the full test set; this "
+                             "evaluation lacks " + "; ".join(missing))
         results = []
         for path, name, entry in zip(args.checkpoints, names, prepared):
             results.append(evaluate_checkpoint(path, args, log, entry))
             if rank == 0:  # written as soon as it is done: a later failure loses nothing finished
                 os.makedirs(out, exist_ok=True)
                 write_result(results[-1], out, name, log)
+        if args.robustbench_json and rank == 0:
+            stem = os.path.join(out, args.robustbench_json)
+            write_text_atomically(stem + ".json", json.dumps(robustbench_info(results[0]), indent=1))
+            export_weights(args.checkpoints[0], args, stem + ".pt")
+            log(f"RobustBench model_info {stem}.json and weights-only {stem}.pt written (docs/other-tools.md)")
     except (CheckpointError, RunStopped, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         sys.exit(f"error: {error}")
     finally:

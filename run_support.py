@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from dataclasses import field
 
 import numpy as np
@@ -521,16 +522,29 @@ def _count_correct(model, x, y):
     return (model(x)[0].argmax(1) == y).sum()
 
 
-def clean_and_robust_accuracy(model, loader, args) -> tuple[float, float]:
+HELD_OUT_NAMES = {"val": "held-out", "monitor": "test (monitoring only)"}  # data_loaders' held-out loaders
+
+
+def clean_and_robust_accuracy(model, loader, args, log=None, label: str = "monitor") -> tuple[float, float]:
     """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol) in fp32;
-    under torchrun each process takes its share and the counts are summed (the single-process figures)."""
+    under torchrun each process takes its share and the counts are summed (the single-process figures).
+    With `log`: a progress line with ETA after 5 s, then every --log-interval seconds (as EpochProgress)."""
+    from progress import format_seconds  # progress.py imports this file: imported here, when first needed
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
-    for x, y in loader.epoch(0):
+    started = time.time()
+    next_print = started + min(5.0, args.log_interval)
+    for step, (x, y) in enumerate(loader.epoch(0), 1):
         x_adv = attacks.pgd(model, x, y, args.epsilon, args.epsilon / 10, args.eval_steps, random_start_kind=None)
         counts[0] += _count_correct(model, x, y)
         counts[1] += _count_correct(model, x_adv, y)
         counts[2] += len(y)
+        now = time.time()
+        if log is not None and now >= next_print and step < len(loader):
+            next_print = now + args.log_interval
+            left = (now - started) / step * (len(loader) - step)
+            log(f"  {HELD_OUT_NAMES.get(label, label)}: clean and PGD-{args.eval_steps} accuracy, batch {step}/{len(loader)} | "
+                f"{format_seconds(now - started)} | ETA {format_seconds(left)}")
     clean, robust, total = all_reduce_sum(counts).tolist()
     return clean / max(total, 1), robust / max(total, 1)
 
