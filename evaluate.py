@@ -201,9 +201,9 @@ def check_args(args: Args) -> None:
         raise ValueError("--aa-attacks goes with --aa-version custom (and custom needs --aa-attacks)")
     if (args.ti_iterative or args.di_shrink) and not args.transfer_source:
         raise ValueError("--ti-iterative / --di-shrink set the transfer attacks: add --transfer-source CKPT")
+    check_device(args.device)
     if (args.export_weights or args.robustbench_json) and len(args.checkpoints or []) != 1:
         raise ValueError("--export-weights / --robustbench-json take one checkpoint")
-    check_device(args.device)
 
 
 # ==== Rebuilding a model from what its checkpoint records ========================================

@@ -161,8 +161,12 @@ def conv_net(channels: int, hidden: int) -> nn.Sequential:
         nn.Conv2d(hidden, channels, 3, padding=1, bias=False))
 
 
-# Eq. 2's Gumbel noise -log(-log(u + 1e-8) + 1e-8) at the eval-mode u = 0.5, in fp32 as the official code: computed once.
+# Eq. 2's eval-mode Gumbel noise (u = 0.5), once, by the training noise's fp32 vectorised kernels (bitwise).
 EVAL_GUMBEL = float(-torch.log(-torch.log(torch.full((64,), 0.5) + 1e-8) + 1e-8)[0])
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:  # g = -log(-log(u)), u ~ U(0, 1), the official guards
+    return -torch.log(-torch.log(torch.rand_like(like) + 1e-8) + 1e-8)
 
 
 class FSR(nn.Module):
@@ -194,14 +198,14 @@ class FSR(nn.Module):
             return (score >= 0.5).float()
         gumbel_pos = gumbel_neg = EVAL_GUMBEL
         if self.training:
-            gumbel_pos, gumbel_neg = (-torch.log(-torch.log(torch.rand_like(score) + 1e-8) + 1e-8) for _ in "+-")
+            gumbel_pos, gumbel_neg = gumbel_noise(score), gumbel_noise(score)
         logit_pos = (torch.log(score + 1e-8) + gumbel_pos) / (self.tau + 1e-8)
         logit_neg = (torch.log(1 - score + 1e-8) + gumbel_neg) / (self.tau + 1e-8)
         return torch.sigmoid(logit_pos - logit_neg)
 
     def forward(self, feature: torch.Tensor, labels: torch.Tensor | None = None):
         if self.separation is not None:
-            mask = self.mask(self.separation(feature)).to(feature.dtype)  # m+ = m (robust), m- = 1 - m; as f under autocast
+            mask = self.mask(self.separation(feature)).to(feature.dtype)  # m+ = m (robust); f's dtype under autocast
         else:  # "w/o Separation" (Table 6): m = 0, every activation is recalibrated
             mask = torch.zeros_like(feature)
         robust, inverse = mask * feature, 1 - mask  # f+ = m+ (x) f (§3.1); m- = 1 - m, computed once

@@ -77,7 +77,6 @@ import torch.nn.functional as F
 import attacks
 import cifs
 import fsr
-import models
 import run_support
 from benchmarks import speed
 from data import DeviceLoader, make_synthetic

@@ -294,7 +294,7 @@ def test_adaptive_sweep_takes_the_minimum_and_the_per_example_and(checkpoints, t
         sweep = result["adaptive"][name]
         assert set(sweep) == set(evaluate.ADAPTIVE_BETAS)
         assert result["accuracy"][name] == min(sweep.values())
-        and_accuracy = sum(result["per_example"][name]) / len(result["per_example"][name])  # as the JSON: exact ratios
+        and_accuracy = sum(result["per_example"][name]) / len(result["per_example"][name])  # integer counts, as the JSON
         assert and_accuracy <= result["accuracy"][name]
     # The per-example vector is the AND over beta_atk: re-run one beta and compare.
     model, run_args, _ = evaluate.load_network(checkpoints["cifs"], torch.device("cpu"))

@@ -9,10 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"attacks", "cifs", "data", "evaluate", "fsr", "models", "progress", "run_support"}
 BUDGETS = {  # lines per Python file of the project (tests apart)
-    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 425, "run_support.py": 650, "progress.py": 155,
+    "fsr.py": 560, "cifs.py": 680, "models.py": 520, "data.py": 425, "run_support.py": 660, "progress.py": 155,
     "attacks.py": 600, "evaluate.py": 1280, "benchmarks/speed.py": 840,
 }
-TOTAL_BUDGET = 5665  # +155 for issue #27 (refusals, NaN stop, signals, full disk, --data-root); +90 for #28 (other tools)
+# The restructuring (#25) left 5,417 lines; then +155 for #27 (refusals, NaN stop, signals, full disk,
+# --data-root), +5 for #26 and the merges, and #28's RobustBench export, weights-only files and monitoring progress.
+TOTAL_BUDGET = 5680
 
 
 def lines(name: str) -> int:
