@@ -14,14 +14,9 @@ import torch
 import torch.nn as nn
 
 from models import count_parameters
-from run_support import REACHED, RunStopped, all_reduce_sum, flag
+from run_support import REACHED, RunStopped, all_reduce_sum, flag, format_seconds
 
 LOSS_NAMES = ("loss", "cls", "sep", "rec", "probe")  # what metrics.jsonl may hold as losses (FSR: sep, rec; CIFS: probe)
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class EpochProgress:

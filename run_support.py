@@ -522,6 +522,11 @@ def _count_correct(model, x, y):
     return (model(x)[0].argmax(1) == y).sum()
 
 
+def format_seconds(seconds: float) -> str:  # h:mm:ss, for ETAs (here and in progress.py)
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 HELD_OUT_NAMES = {"val": "held-out", "monitor": "test (monitoring only)"}  # data_loaders' held-out loaders
 
 
@@ -529,7 +534,6 @@ def clean_and_robust_accuracy(model, loader, args, log=None, label: str = "monit
     """Clean and PGD accuracy (eval_steps of eps/10, no random start: the papers' test protocol) in fp32;
     under torchrun each process takes its share and the counts are summed (the single-process figures).
     With `log`: a progress line with ETA after 5 s, then every --log-interval seconds (as EpochProgress)."""
-    from progress import format_seconds  # progress.py imports this file: imported here, when first needed
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=loader.device)  # clean, robust, total
     started = time.time()
