@@ -299,7 +299,7 @@ def robustbench_info(result: dict) -> dict:
             f"{run.get('strategy', 'official')}; evaluate.py, AutoAttack standard via pyautoattack on "
             f"{len(result['labels'])} test images); reported: that evaluation's AutoAttack accuracy, not the paper's.")
     if method == "cifs" and not plain:
-        note += " CIFS computes its channel mask from a gradient inside its forward; AutoAttack treats it as a constant."
+        note += " AutoAttack treats CIFS's channel mask as a constant (its relevance is detached in eval mode)."
     robust = f"{100 * accuracy['autoattack']:.2f}"  # RobustBench's accuracies: percent strings, two decimals
     return {**PAPERS[method], "additional_data": False, "number_forward_passes": 1, "dataset": run["dataset"],
             "architecture": network, "eps": f"{round(result['protocol']['epsilon'] * 255)}/255",
