@@ -1,0 +1,323 @@
+"""The CPU-scale Fashion-MNIST study: FSR and CIFS, each against its own baseline, on real data.
+
+    python benchmarks/fmnist_study.py                      # about 1 h on 2 idle cores: runs/fmnist_study/study.md
+    python benchmarks/fmnist_study.py --seeds 0 --train-size 500 --epochs 2 --n-examples 100 --out runs/quick
+
+Per seed, five models with identical settings, on the same seeded class-balanced training subset:
+`fsr.py --no-fsr` (FSR's baseline), `fsr.py`, `fsr.py --hidden 2` (the capacity control: an FSR module that
+adds the paper's share of parameters, about 11 %, instead of 4x the network), `cifs.py --no-cifs` (CIFS's
+baseline) and `cifs.py` (its smallcnn defaults, docs/cifs.md). Each run trains one epoch per process and
+continues with --resume (bitwise the uninterrupted run), keeping every epoch's checkpoint as epoch<N>.pt:
+the FSR swing can then be examined epoch by epoch, and the study, stopped, continues where it stopped when
+run again with the same flags. Then evaluate.py on the same class-balanced test images: every white-box
+column, APGD-CE, and for CIFS the through-the-mask and worst-case columns; FSR appendix C's masking checks on
+each epoch of the seed-0 FSR runs; and, for CIFS, the accuracy with the masks built from the true label (as
+in training) beside the masks it really uses. Writes <out>/study.md (and study.json, curves.png, eval/,
+swing/, logs/). A CPU-scale study on a 0.1 M-parameter network, not a reproduction of either paper.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `python benchmarks/fmnist_study.py` puts benchmarks/ on the path, not the root
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from run_support import arg, format_seconds, int_list, parse_args  # noqa: E402
+
+# name: (script, its extra flags, the baseline it is compared with)
+MODELS = {
+    "fsr_vanilla": ("fsr.py", ["--no-fsr"], None),
+    "fsr": ("fsr.py", [], "fsr_vanilla"),
+    "fsr_hidden2": ("fsr.py", ["--hidden", "2"], "fsr_vanilla"),
+    "cifs_vanilla": ("cifs.py", ["--no-cifs"], None),
+    "cifs": ("cifs.py", [], "cifs_vanilla"),
+}
+LABELS = {"fsr_vanilla": "vanilla AT (`fsr.py --no-fsr`)", "fsr": "AT + FSR (`fsr.py`)",
+          "fsr_hidden2": "AT + FSR, hidden 2 (`fsr.py --hidden 2`: +11 % parameters)",
+          "cifs_vanilla": "vanilla AT (`cifs.py --no-cifs`)", "cifs": "AT + CIFS (`cifs.py`)"}
+# evaluate.py's keys: -tm, through the CIFS mask; -worst, per example the worst of both views (CIFS only)
+COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack", "pgd20-tm", "pgd100-tm", "pgd100-worst",
+           "ensemble-worst")
+
+
+@dataclasses.dataclass
+class Args:
+    train_size: int = arg(10_000, "class-balanced training images (the same subset for every model of a seed)")
+    epochs: int = arg(8, "training epochs")
+    milestones: str = arg("6", "epochs run before each 10x lr drop")
+    batch_size: int = arg(32, "training batch size")
+    attack_steps: int = arg(5, "PGD steps of the training attack (eps 0.3)")
+    attack_step_size: float = arg(0.08, "step of the training attack")
+    seeds: str = arg("0,1,2", "comma-separated seeds (each: all five models)")
+    monitor_size: int = arg(1000, "test images monitored after every epoch (clean and PGD-20, as the scripts)")
+    n_examples: int = arg(1000, "class-balanced test images of the evaluation (the same for every model)")
+    swing_examples: int = arg(200, "test images of the per-epoch masking checks on the seed-0 FSR runs (0: skip)")
+    jobs: int = arg(2, "processes at a time, one torch thread each")
+    data_root: str = arg(None, "Fashion-MNIST folder (default: data, or Debian's copy; docs/data.md)", str)
+    out: str = arg("runs/fmnist_study", "output folder")
+
+
+def check(args: Args) -> list:
+    """One-line errors before any work; returns the seeds."""
+    for name in ("train_size", "epochs", "batch_size", "attack_steps", "monitor_size", "n_examples", "jobs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.swing_examples < 0:
+        raise ValueError(f"--swing-examples {args.swing_examples}: must be 0 (skip) or more")
+    if not 0 < args.attack_step_size < float("inf"):
+        raise ValueError(f"--attack-step-size {args.attack_step_size}: must be positive and finite")
+    int_list("milestones", args.milestones, increasing=True)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {args.seeds!r}: distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def python(script: str, flags: list, log: str) -> None:
+    """Run one of our scripts with one torch thread, appending its output to `log`; stop the study on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = [sys.executable, os.path.join(REPO, script), *flags]
+    with open(log, "a") as file:
+        file.write(f"$ {shlex.join(command)}\n")
+        file.flush()
+        done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f"{script} exited with {done.returncode}: see {log}")
+
+
+def run_folder(args: Args, model: str, seed: int) -> str:
+    return os.path.join(os.path.abspath(args.out), "runs", f"{model}_s{seed}")
+
+
+def train(args: Args, model: str, seed: int) -> str:
+    """Train one model one epoch per process, keeping epoch<N>.pt; continue from what is already there."""
+    script, extra, _ = MODELS[model]
+    folder, log = run_folder(args, model, seed), os.path.join(args.out, "logs", f"{model}_s{seed}.log")
+    for epoch in range(1, args.epochs + 1):
+        if os.path.exists(os.path.join(folder, f"epoch{epoch}.pt")):
+            continue
+        last = os.path.join(folder, "last.pt")
+        if os.path.exists(last):  # the run's own settings; only --epochs grows
+            flags = ["--resume", last, "--epochs", str(epoch), "--device", "cpu"]
+        else:
+            flags = ["--dataset", "fmnist", "--model", "smallcnn", "--train-size", str(args.train_size),
+                     "--batch-size", str(args.batch_size), "--attack-steps", str(args.attack_steps),
+                     "--attack-step-size", str(args.attack_step_size), "--epochs", str(epoch),
+                     "--milestones", args.milestones, "--monitor-size", str(args.monitor_size), "--eval-every", "1",
+                     "--seed", str(seed), "--device", "cpu", "--runs-dir", os.path.dirname(folder),
+                     "--run-name", os.path.basename(folder), *extra]
+            flags += ["--data-root", args.data_root] if args.data_root else []
+        python(script, flags, log)
+        shutil.copyfile(last, os.path.join(folder, f"epoch{epoch}.pt"))
+    return os.path.join(folder, "last.pt")
+
+
+def evaluate(args: Args, model: str, seed: int) -> None:
+    """evaluate.py on the seed's last.pt: the papers' columns, APGD-CE, CIFS's through-the-mask columns."""
+    out = os.path.join(args.out, "eval")
+    if os.path.exists(os.path.join(out, f"{model}_s{seed}_last.json")):
+        return
+    flags = [os.path.join(run_folder(args, model, seed), "last.pt"), "--n-examples", str(args.n_examples),
+             "--attacks", "natural,fgsm,pgd20,pgd100,cw,autoattack", "--aa-version", "custom", "--aa-attacks",
+             "apgd-ce", "--device", "cpu", "--out", out]
+    python("evaluate.py", flags + (["--data-root", args.data_root] if args.data_root else []),
+           os.path.join(args.out, "logs", f"eval_{model}_s{seed}.log"))
+
+
+def swing_checks(args: Args, model: str) -> None:
+    """FSR appendix C's masking checks (evaluate.py --masking-report) on every epoch of the seed-0 run."""
+    out = os.path.join(args.out, "swing")
+    paths = [os.path.join(run_folder(args, model, 0), f"epoch{e}.pt") for e in range(1, args.epochs + 1)]
+    todo = [p for p in paths if not os.path.exists(os.path.join(out, f"{model}_s0_{os.path.basename(p)[:-3]}.json"))]
+    if todo:
+        flags = [*todo, "--n-examples", str(args.swing_examples), "--attacks", "natural,fgsm,pgd20",
+                 "--masking-report", "--device", "cpu", "--out", out]
+        python("evaluate.py", flags + (["--data-root", args.data_root] if args.data_root else []),
+               os.path.join(args.out, "logs", f"swing_{model}.log"))
+
+
+def cifs_masks(path: str, n_examples: int, data_root: str | None) -> dict:
+    """Clean accuracy of a CIFS checkpoint with the masks it uses (the probe's top-2, as at test time) and with
+    the masks built from the true label (as in training), and its probe's top-1 / top-2 accuracy."""
+    import cifs
+    import data
+    import evaluate as ev
+    torch.set_num_threads(1)
+    net, run_args, _ = ev.load_network(path, torch.device("cpu"))
+    x, y = ev.load_split(run_args, data_root, train=False)
+    chosen = data.balanced_subset(y, n_examples, 10, 0)  # evaluate.py's subset (--subset-seed 0)
+    x, y = x[chosen], y[chosen]
+    with torch.no_grad():
+        logits, emitted = net(x)
+        for module in net.modules():
+            if isinstance(module, cifs.CIFS):
+                module.train()  # train-mode masks: the true label's logit (BatchNorm stays in eval mode)
+        label_logits, _ = net(x, y)
+        net.eval()
+    probe = emitted[-1]["probe"]
+    ranked = probe.topk(2, dim=1).indices
+    return {"clean": (logits.argmax(1) == y).float().mean().item(),
+            "clean_label_masks": (label_logits.argmax(1) == y).float().mean().item(),
+            "probe_top1": (ranked[:, 0] == y).float().mean().item(),
+            "probe_top2": (ranked == y[:, None]).any(1).float().mean().item()}
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}, fp32, one torch thread per process"
+
+
+def mean_std(values: list) -> str:
+    if not values:
+        return ""
+    spread = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{100 * statistics.fmean(values):.1f}{spread}"
+
+
+def read_json(path: str) -> dict:
+    with open(path) as file:
+        return json.load(file)
+
+
+def report(args: Args, seeds: list, seconds: float, command: str) -> str:
+    """study.md: the table (mean ± std over seeds, and each method minus its own baseline), the swing, CIFS."""
+    results = {m: {s: read_json(os.path.join(args.out, "eval", f"{m}_s{s}_last.json"))["accuracy"] for s in seeds}
+               for m in MODELS}
+    columns = [c for c in COLUMNS if any(c in results[m][s] for m in MODELS for s in seeds)]
+    lines = [f"# Fashion-MNIST at CPU scale: each method against its own baseline", "",
+             f"`{command}` on {datetime.date.today().isoformat()}, {hardware()}: {format_seconds(seconds)} "
+             f"(this invocation). Settings: smallcnn, {args.train_size} class-balanced training images, Madry AT at "
+             f"eps 0.3 with PGD-{args.attack_steps} of step {args.attack_step_size}, batch {args.batch_size}, "
+             f"{args.epochs} epochs, lr 0.1 cut 10x after epoch(s) {args.milestones}, the scripts' own weight decay "
+             f"(fsr.py 5e-4, cifs.py 2e-4); seeds {', '.join(map(str, seeds))}. Evaluated on the same "
+             f"{args.n_examples} class-balanced test images (evaluate.py; PGD-20 step 0.01, PGD-100 step 0.02, "
+             "C&W 30 steps, APGD-CE 100 iterations, no random start). Mean ± sample std over the seeds, in %. "
+             "A CPU-scale study, not a reproduction.", "",
+             "| model | " + " | ".join(ev_title(c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for model, (_, _, baseline) in MODELS.items():
+        cells = [mean_std([results[model][s][c] for s in seeds if c in results[model][s]]) for c in columns]
+        lines.append(f"| {LABELS[model]} | " + " | ".join(cells) + " |")
+        if baseline:
+            gains = [mean_std([results[model][s][c] - results[baseline][s][c] for s in seeds])
+                     if all(c in results[model][s] and c in results[baseline][s] for s in seeds) else ""
+                     for c in columns]
+            lines.append(f"| &nbsp;&nbsp;minus its baseline, per seed | " + " | ".join(gains) + " |")
+    lines += ["", "## Monitored after every epoch (clean / PGD-20 of step eps/10 on the monitoring images, %)", "",
+              "| model, seed | " + " | ".join(f"epoch {e}" for e in range(1, args.epochs + 1)) + " |",
+              "|---|" + "---|" * args.epochs]
+    for model in MODELS:
+        for seed in seeds:
+            with open(os.path.join(run_folder(args, model, seed), "metrics.jsonl")) as file:
+                rows = [json.loads(line) for line in file]
+            lines.append(f"| {model} s{seed} | " + " | ".join(
+                f"{100 * r['monitor_clean']:.1f} / {100 * r['monitor_robust']:.1f}" for r in rows) + " |")
+    swing = os.path.join(args.out, "swing")
+    if args.swing_examples and os.path.isdir(swing):
+        lines += ["", f"## Masking checks (FSR appendix C, evaluate.py --masking-report) per epoch, seed 0, "
+                  f"{args.swing_examples} test images", "",
+                  "| model, epoch | clean | FGSM | PGD-20 | PGD-n of step 2.5 eps/n, n: accuracy | unbounded | "
+                  "failed checks |", "|---|---|---|---|---|---|---|"]
+        for model in ("fsr_vanilla", "fsr"):
+            for epoch in range(1, args.epochs + 1):
+                result = read_json(os.path.join(swing, f"{model}_s0_epoch{epoch}.json"))
+                masking, acc = result["masking_report"], result["accuracy"]
+                steps = ", ".join(f"{n}: {100 * v:.1f}" for n, v in masking["steps"].items())
+                failed = ", ".join(k for k, v in masking["checks"].items() if v != "PASS") or "none"
+                lines.append(f"| {model} epoch {epoch} | {100 * acc['natural']:.1f} | {100 * acc['fgsm']:.1f} | "
+                             f"{100 * acc['pgd20']:.1f} | {steps} | {100 * masking['unbounded']:.1f} | {failed} |")
+    lines += ["", "## CIFS: the masks it uses against the masks built from the true label", "",
+              "| seed | clean (probe's top-2 masks, as tested) | clean (true-label masks, as trained) | "
+              "probe top-1 | probe top-2 |", "|---|---|---|---|---|"]
+    for seed in seeds:
+        m = cifs_masks(os.path.join(run_folder(args, "cifs", seed), "last.pt"), args.n_examples, args.data_root)
+        lines.append(f"| {seed} | {100 * m['clean']:.1f} | {100 * m['clean_label_masks']:.1f} | "
+                     f"{100 * m['probe_top1']:.1f} | {100 * m['probe_top2']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ev_title(column: str) -> str:
+    import evaluate as ev
+    return "APGD-CE" if column == "autoattack" else ev.COLUMN_TITLES.get(column, column)
+
+
+def main(argv=None) -> None:
+    args = parse_args(Args, argv, description=__doc__.split("\n")[0])
+    try:
+        seeds = check(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    command = shlex.join(["python", "benchmarks/fmnist_study.py", *(sys.argv[1:] if argv is None else argv)])
+    for folder in ("logs", "runs", "eval", "swing"):
+        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+    started = time.time()
+    print(f"fmnist study: {len(MODELS)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
+          f"{os.path.join(args.out, 'logs')}", flush=True)
+    trained = {(m, s): threading.Event() for m in MODELS for s in seeds}
+
+    def train_job(model, seed):
+        train(args, model, seed)
+        trained[model, seed].set()
+        return f"trained {model} seed {seed}"
+
+    def eval_job(model, seed):
+        trained[model, seed].wait()
+        evaluate(args, model, seed)
+        return f"evaluated {model} seed {seed}"
+
+    def swing_job(model):
+        trained[model, 0].wait()
+        swing_checks(args, model)
+        return f"masking checks on every epoch of {model} seed 0"
+
+    # Per seed, its trainings, then its evaluations: a stopped study has whole seeds done.
+    jobs = []
+    for seed in seeds:
+        jobs += [(train_job, m, seed) for m in MODELS] + [(eval_job, m, seed) for m in MODELS]
+        if seed == 0 and args.swing_examples:
+            jobs += [(swing_job, m) for m in ("fsr_vanilla", "fsr")]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(*job) for job in jobs]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                print(f"  {future.result()} ({format_seconds(time.time() - started)} in)", flush=True)
+        except (RuntimeError, KeyboardInterrupt) as error:
+            for future in futures:
+                future.cancel()
+            for event in trained.values():
+                event.set()  # release waiting jobs; they fail on missing files, which is ignored
+            sys.exit(f"error: {error}; run the same command again to continue" if isinstance(error, RuntimeError)
+                     else "interrupted: run the same command again to continue")
+    python("evaluate.py", ["--curves", *[run_folder(args, m, seeds[0]) for m in MODELS], "--out", args.out],
+           os.path.join(args.out, "logs", "curves.log"))
+    text = report(args, seeds, time.time() - started, command)
+    with open(os.path.join(args.out, "study.md"), "w") as file:
+        file.write(text)
+    print("\n" + text + f"\nwritten to {os.path.join(args.out, 'study.md')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
