@@ -128,7 +128,7 @@ DEFAULTS = {
 # Where FSR goes by default: after the last feature stage (FSR §4.1: after layer4 of ResNet-18, the
 # fourth conv stage of VGG16 before its max-pool, the last group of WRN-34-10 with its BN-ReLU).
 DEFAULT_POSITIONS = {"resnet18": "layer4", "resnet10": "layer4", "resnet50": "layer4", "vgg16": "stage4",
-                     "wrn34_10": "final", "wrn28_10": "final", "smallcnn": "conv3"}
+                     "wrn34_10": "final", "wrn28_10": "final", "smallcnn": "conv3", "smallcnn_wide": "conv3"}
 TRAIN_ACCURACY_NOTE = "training batches, train mode: Gumbel-noise masks"  # what train acc measures (console, curves)
 
 

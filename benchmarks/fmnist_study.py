@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -45,11 +46,13 @@ MODELS = {
     "fsr_vanilla": ("fsr.py", ["--no-fsr"], None),
     "fsr": ("fsr.py", [], "fsr_vanilla"),
     "fsr_hidden2": ("fsr.py", ["--hidden", "2"], "fsr_vanilla"),
+    "fsr_vanilla_wide": ("fsr.py", ["--no-fsr", "--model", "smallcnn_wide"], "fsr_vanilla"),
     "cifs_vanilla": ("cifs.py", ["--no-cifs"], None),
     "cifs": ("cifs.py", [], "cifs_vanilla"),
 }
-LABELS = {"fsr_vanilla": "vanilla AT (`fsr.py --no-fsr`)", "fsr": "AT + FSR (`fsr.py`)",
-          "fsr_hidden2": "AT + FSR, hidden 2 (`fsr.py --hidden 2`: +11 % parameters)",
+LABELS = {"fsr_vanilla": "vanilla AT, 94 k parameters (`fsr.py --no-fsr`)", "fsr": "AT + FSR, 465 k (`fsr.py`)",
+          "fsr_hidden2": "AT + FSR of hidden width 2, 105 k: the paper's +11 % (`fsr.py --hidden 2`)",
+          "fsr_vanilla_wide": "vanilla AT, 465 k (`fsr.py --no-fsr --model smallcnn_wide`)",
           "cifs_vanilla": "vanilla AT (`cifs.py --no-cifs`)", "cifs": "AT + CIFS (`cifs.py`)"}
 # evaluate.py's keys: -tm, through the CIFS mask; -worst, per example the worst of both views (CIFS only)
 COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack", "pgd20-tm", "pgd100-tm", "pgd100-worst",
@@ -58,6 +61,7 @@ COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack", "pgd20-tm",
 
 @dataclasses.dataclass
 class Args:
+    models: str = arg(",".join(MODELS), "comma-separated models to train and evaluate")
     train_size: int = arg(10_000, "class-balanced training images (the same subset for every model of a seed)")
     epochs: int = arg(8, "training epochs")
     milestones: str = arg("6", "epochs run before each 10x lr drop")
@@ -71,10 +75,12 @@ class Args:
     jobs: int = arg(2, "processes at a time, one torch thread each")
     data_root: str = arg(None, "Fashion-MNIST folder (default: data, or Debian's copy; docs/data.md)", str)
     out: str = arg("runs/fmnist_study", "output folder")
+    dataset: str = arg("fmnist", "fmnist, or synthetic (a test of this script without Fashion-MNIST)",
+                       choices=("fmnist", "synthetic"))
 
 
 def check(args: Args) -> list:
-    """One-line errors before any work; returns the seeds."""
+    """One-line errors before any work; returns the seeds and the models."""
     for name in ("train_size", "epochs", "batch_size", "attack_steps", "monitor_size", "n_examples", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -89,7 +95,10 @@ def check(args: Args) -> list:
         raise ValueError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds {args.seeds!r}: distinct non-negative integers, e.g. 0,1,2")
-    return seeds
+    models = args.models.split(",")
+    if not set(models) <= set(MODELS) or len(set(models)) != len(models):
+        raise ValueError(f"--models {args.models!r}: distinct names among {','.join(MODELS)}")
+    return seeds, [m for m in MODELS if m in models]
 
 
 def python(script: str, flags: list, log: str) -> None:
@@ -116,16 +125,22 @@ def train(args: Args, model: str, seed: int) -> str:
         if os.path.exists(os.path.join(folder, f"epoch{epoch}.pt")):
             continue
         last = os.path.join(folder, "last.pt")
+        if os.path.exists(last) and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == epoch:
+            shutil.copyfile(last, os.path.join(folder, f"epoch{epoch}.pt"))  # stopped before its copy
+            continue
         if os.path.exists(last):  # the run's own settings; only --epochs grows
             flags = ["--resume", last, "--epochs", str(epoch), "--device", "cpu"]
         else:
-            flags = ["--dataset", "fmnist", "--model", "smallcnn", "--train-size", str(args.train_size),
+            backbone = [] if "--model" in extra else ["--model", "smallcnn"]
+            flags = ["--dataset", args.dataset, *backbone, *extra, "--train-size", str(args.train_size),
                      "--batch-size", str(args.batch_size), "--attack-steps", str(args.attack_steps),
                      "--attack-step-size", str(args.attack_step_size), "--epochs", str(epoch),
                      "--milestones", args.milestones, "--monitor-size", str(args.monitor_size), "--eval-every", "1",
                      "--seed", str(seed), "--device", "cpu", "--runs-dir", os.path.dirname(folder),
-                     "--run-name", os.path.basename(folder), *extra]
+                     "--run-name", os.path.basename(folder)]
             flags += ["--data-root", args.data_root] if args.data_root else []
+            if args.dataset == "synthetic":  # small images: the script's own test
+                flags += ["--synthetic-shape", "3,16,16", "--synthetic-size", str(args.train_size)]
         python(script, flags, log)
         shutil.copyfile(last, os.path.join(folder, f"epoch{epoch}.pt"))
     return os.path.join(folder, "last.pt")
@@ -164,7 +179,7 @@ def cifs_masks(path: str, n_examples: int, data_root: str | None) -> dict:
     torch.set_num_threads(1)
     net, run_args, _ = ev.load_network(path, torch.device("cpu"))
     x, y = ev.load_split(run_args, data_root, train=False)
-    chosen = data.balanced_subset(y, n_examples, 10, 0)  # evaluate.py's subset (--subset-seed 0)
+    chosen = data.balanced_subset(y, n_examples, net.num_classes, 0)  # evaluate.py's subset (--subset-seed 0)
     x, y = x[chosen], y[chosen]
     with torch.no_grad():
         logits, emitted = net(x)
@@ -203,22 +218,30 @@ def read_json(path: str) -> dict:
         return json.load(file)
 
 
-def report(args: Args, seeds: list, seconds: float, command: str) -> str:
+def report(args: Args, seeds: list, models: list, invocations: list) -> str:
     """study.md: the table (mean ± std over seeds, and each method minus its own baseline), the swing, CIFS."""
     results = {m: {s: read_json(os.path.join(args.out, "eval", f"{m}_s{s}_last.json"))["accuracy"] for s in seeds}
-               for m in MODELS}
-    columns = [c for c in COLUMNS if any(c in results[m][s] for m in MODELS for s in seeds)]
-    lines = [f"# Fashion-MNIST at CPU scale: each method against its own baseline", "",
-             f"`{command}` on {datetime.date.today().isoformat()}, {hardware()}: {format_seconds(seconds)} "
-             f"(this invocation). Settings: smallcnn, {args.train_size} class-balanced training images, Madry AT at "
-             f"eps 0.3 with PGD-{args.attack_steps} of step {args.attack_step_size}, batch {args.batch_size}, "
-             f"{args.epochs} epochs, lr 0.1 cut 10x after epoch(s) {args.milestones}, the scripts' own weight decay "
-             f"(fsr.py 5e-4, cifs.py 2e-4); seeds {', '.join(map(str, seeds))}. Evaluated on the same "
-             f"{args.n_examples} class-balanced test images (evaluate.py; PGD-20 step 0.01, PGD-100 step 0.02, "
-             "C&W 30 steps, APGD-CE 100 iterations, no random start). Mean ± sample std over the seeds, in %. "
-             "A CPU-scale study, not a reproduction.", "",
+               for m in models}
+    columns = [c for c in COLUMNS if any(c in results[m][s] for m in models for s in seeds)]
+    run = {m: read_json(os.path.join(run_folder(args, m, seeds[0]), "args.json")) for m in models}
+    recipe = ", ".join(f"{MODELS[m][0]} lr {run[m]['lr']:g}, weight decay {run[m]['weight_decay']:g}"
+                       for m in models if m in ("fsr_vanilla", "cifs_vanilla"))
+    first = read_json(os.path.join(args.out, "eval", f"{models[0]}_s{seeds[0]}_last.json"))
+    import evaluate as ev
+    protocol = ev.describe_protocol(first["protocol"], args.dataset, (*COLUMNS, "ensemble"))
+    title = "Fashion-MNIST at CPU scale" if args.dataset == "fmnist" else "Synthetic data (a test of the script)"
+    lines = [f"# {title}: each method against its own baseline", "",
+             "; ".join(f"`{i['command']}` on {i['date']}: {format_seconds(i['seconds'])}" for i in invocations)
+             + f" ({hardware()}; an invocation continues the one before). Settings: smallcnn (0.09 M parameters), "
+             f"{args.train_size} class-balanced training images, Madry AT at eps {run[models[0]]['epsilon']:g} with PGD-{args.attack_steps} of step {args.attack_step_size}, batch "
+             f"{args.batch_size}, {args.epochs} epochs, the lr cut 10x after epoch(s) {args.milestones}; the scripts' "
+             f"own recipe otherwise ({recipe or 'see args.json'}); seeds {', '.join(map(str, seeds))}. Evaluated "
+             f"by evaluate.py on the same {args.n_examples} class-balanced test images; APGD-CE is AutoAttack's "
+             "(100 iterations). Mean ± sample std over the seeds, in %. A CPU-scale study, not a reproduction.", "",
+             protocol, "",
              "| model | " + " | ".join(ev_title(c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
-    for model, (_, _, baseline) in MODELS.items():
+    for model in models:
+        baseline = MODELS[model][2] if MODELS[model][2] in models else None
         cells = [mean_std([results[model][s][c] for s in seeds if c in results[model][s]]) for c in columns]
         lines.append(f"| {LABELS[model]} | " + " | ".join(cells) + " |")
         if baseline:
@@ -229,7 +252,7 @@ def report(args: Args, seeds: list, seconds: float, command: str) -> str:
     lines += ["", "## Monitored after every epoch (clean / PGD-20 of step eps/10 on the monitoring images, %)", "",
               "| model, seed | " + " | ".join(f"epoch {e}" for e in range(1, args.epochs + 1)) + " |",
               "|---|" + "---|" * args.epochs]
-    for model in MODELS:
+    for model in models:
         for seed in seeds:
             with open(os.path.join(run_folder(args, model, seed), "metrics.jsonl")) as file:
                 rows = [json.loads(line) for line in file]
@@ -241,7 +264,7 @@ def report(args: Args, seeds: list, seconds: float, command: str) -> str:
                   f"{args.swing_examples} test images", "",
                   "| model, epoch | clean | FGSM | PGD-20 | PGD-n of step 2.5 eps/n, n: accuracy | unbounded | "
                   "failed checks |", "|---|---|---|---|---|---|---|"]
-        for model in ("fsr_vanilla", "fsr"):
+        for model in [m for m in ("fsr_vanilla", "fsr") if m in models]:
             for epoch in range(1, args.epochs + 1):
                 result = read_json(os.path.join(swing, f"{model}_s0_epoch{epoch}.json"))
                 masking, acc = result["masking_report"], result["accuracy"]
@@ -251,8 +274,8 @@ def report(args: Args, seeds: list, seconds: float, command: str) -> str:
                              f"{100 * acc['pgd20']:.1f} | {steps} | {100 * masking['unbounded']:.1f} | {failed} |")
     lines += ["", "## CIFS: the masks it uses against the masks built from the true label", "",
               "| seed | clean (probe's top-2 masks, as tested) | clean (true-label masks, as trained) | "
-              "probe top-1 | probe top-2 |", "|---|---|---|---|---|"]
-    for seed in seeds:
+              "probe top-1 | probe top-2 |", "|---|---|---|---|---|"] if "cifs" in models else []
+    for seed in seeds if "cifs" in models else ():
         m = cifs_masks(os.path.join(run_folder(args, "cifs", seed), "last.pt"), args.n_examples, args.data_root)
         lines.append(f"| {seed} | {100 * m['clean']:.1f} | {100 * m['clean_label_masks']:.1f} | "
                      f"{100 * m['probe_top1']:.1f} | {100 * m['probe_top2']:.1f} |")
@@ -267,16 +290,16 @@ def ev_title(column: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(Args, argv, description=__doc__.split("\n")[0])
     try:
-        seeds = check(args)
+        seeds, models = check(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
     command = shlex.join(["python", "benchmarks/fmnist_study.py", *(sys.argv[1:] if argv is None else argv)])
     for folder in ("logs", "runs", "eval", "swing"):
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     started = time.time()
-    print(f"fmnist study: {len(MODELS)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
+    print(f"{args.dataset} study: {len(models)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
           f"{os.path.join(args.out, 'logs')}", flush=True)
-    trained = {(m, s): threading.Event() for m in MODELS for s in seeds}
+    trained = {(m, s): threading.Event() for m in models for s in seeds}
 
     def train_job(model, seed):
         train(args, model, seed)
@@ -296,9 +319,9 @@ def main(argv=None) -> None:
     # Per seed, its trainings, then its evaluations: a stopped study has whole seeds done.
     jobs = []
     for seed in seeds:
-        jobs += [(train_job, m, seed) for m in MODELS] + [(eval_job, m, seed) for m in MODELS]
+        jobs += [(train_job, m, seed) for m in models] + [(eval_job, m, seed) for m in models]
         if seed == 0 and args.swing_examples:
-            jobs += [(swing_job, m) for m in ("fsr_vanilla", "fsr")]
+            jobs += [(swing_job, m) for m in ("fsr_vanilla", "fsr") if m in models]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(*job) for job in jobs]
         try:
@@ -311,9 +334,15 @@ def main(argv=None) -> None:
                 event.set()  # release waiting jobs; they fail on missing files, which is ignored
             sys.exit(f"error: {error}; run the same command again to continue" if isinstance(error, RuntimeError)
                      else "interrupted: run the same command again to continue")
-    python("evaluate.py", ["--curves", *[run_folder(args, m, seeds[0]) for m in MODELS], "--out", args.out],
-           os.path.join(args.out, "logs", "curves.log"))
-    text = report(args, seeds, time.time() - started, command)
+    if importlib.util.find_spec("matplotlib"):  # optional, as everywhere: curves.png of the seed-0 runs
+        python("evaluate.py", ["--curves", *[run_folder(args, m, seeds[0]) for m in models], "--out", args.out,
+                               "--overwrite"],  # redrawn from every epoch so far, on each invocation
+               os.path.join(args.out, "logs", "curves.log"))
+    with open(os.path.join(args.out, "invocations.jsonl"), "a") as file:  # what each invocation took
+        file.write(json.dumps({"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
+                               "seconds": round(time.time() - started)}) + "\n")
+    with open(os.path.join(args.out, "invocations.jsonl")) as file:
+        text = report(args, seeds, models, [json.loads(line) for line in file])
     with open(os.path.join(args.out, "study.md"), "w") as file:
         file.write(text)
     print("\n" + text + f"\nwritten to {os.path.join(args.out, 'study.md')}", flush=True)

@@ -123,7 +123,20 @@ def test_wrn28_10_defaults():
 def test_explicit_softmax_scale_overrides_the_backbone_default():
     assert cifs.resolve(cifs.Args(softmax_scale=1.0)).softmax_scale == 1.0
     assert cifs.resolve(cifs.Args(model="wrn28_10", softmax_scale=2.0)).softmax_scale == 2.0
-    assert cifs.resolve(cifs.Args(dataset="synthetic")).softmax_scale == 1.0  # smallcnn: not in the paper
+    assert cifs.resolve(cifs.Args(model="vgg16")).softmax_scale == 1.0  # not in the paper
+    assert cifs.resolve(cifs.Args(dataset="synthetic", softmax_scale=1.0)).softmax_scale == 1.0
+
+
+def test_the_cpu_scale_network_has_defaults_that_train():
+    """smallcnn is ours: CIFS on conv3 only, linear probe, scale 128 (its channel count: the mask averages 1),
+    on every dataset (docs/cifs.md, "CIFS on the CPU-scale network"); the paper's backbones keep theirs."""
+    for dataset in ("synthetic", "fmnist", "cifar10"):
+        a = cifs.resolve(cifs.Args(dataset=dataset, model="smallcnn"))
+        assert (a.positions, a.probes, a.softmax_scale) == ("conv3", "linear", 128.0)
+        net = cifs.build_network(a)
+        modules = [m for m in net.modules() if isinstance(m, cifs.CIFS)]
+        assert len(modules) == 1 and modules[0].softmax_scale == net.feature_shapes["conv3"][0] == 128
+    assert cifs.resolve(cifs.Args(dataset="fmnist")).positions == "layer3,layer4"  # ResNet-10, published
 
 
 def test_explicit_flags_override_every_default():

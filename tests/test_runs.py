@@ -323,7 +323,7 @@ def test_args_json_records_the_settings_actually_used(tmp_path, method):
                        "attack_step_size", "random_start", "positions"]
     resolved_fields += ["probes", "softmax_scale", "hidden"] if method == "cifs" else []
     assert all(saved[name] is not None for name in resolved_fields), saved
-    assert saved["positions"] == ("conv3" if method == "fsr" else "conv2,conv3") and saved["random_start"] is True
+    assert saved["positions"] == "conv3" and saved["random_start"] is True  # smallcnn: both methods on conv3
 
 
 def test_train_size_is_a_seeded_class_balanced_subset(tmp_path):
