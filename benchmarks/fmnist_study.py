@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,39 +298,21 @@ def main(argv=None) -> None:
     started = time.time()
     print(f"{args.dataset} study: {len(models)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
           f"{os.path.join(args.out, 'logs')}", flush=True)
-    trained = {(m, s): threading.Event() for m in models for s in seeds}
-
-    def train_job(model, seed):
+    def study_one(model, seed):  # no job waits for another: a worker is never idle while work remains
         train(args, model, seed)
-        trained[model, seed].set()
-        return f"trained {model} seed {seed}"
-
-    def eval_job(model, seed):
-        trained[model, seed].wait()
         evaluate(args, model, seed)
-        return f"evaluated {model} seed {seed}"
+        if seed == 0 and args.swing_examples and model in ("fsr_vanilla", "fsr"):
+            swing_checks(args, model)
+        return f"{model} seed {seed} trained and evaluated"
 
-    def swing_job(model):
-        trained[model, 0].wait()
-        swing_checks(args, model)
-        return f"masking checks on every epoch of {model} seed 0"
-
-    # Per seed, its trainings, then its evaluations: a stopped study has whole seeds done.
-    jobs = []
-    for seed in seeds:
-        jobs += [(train_job, m, seed) for m in models] + [(eval_job, m, seed) for m in models]
-        if seed == 0 and args.swing_examples:
-            jobs += [(swing_job, m) for m in ("fsr_vanilla", "fsr") if m in models]
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(*job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # seed by seed: a stopped study has seeds done
+        futures = [pool.submit(study_one, model, seed) for seed in seeds for model in models]
         try:
             for future in concurrent.futures.as_completed(futures):
                 print(f"  {future.result()} ({format_seconds(time.time() - started)} in)", flush=True)
         except (RuntimeError, KeyboardInterrupt) as error:
             for future in futures:
                 future.cancel()
-            for event in trained.values():
-                event.set()  # release waiting jobs; they fail on missing files, which is ignored
             sys.exit(f"error: {error}; run the same command again to continue" if isinstance(error, RuntimeError)
                      else "interrupted: run the same command again to continue")
     if importlib.util.find_spec("matplotlib"):  # optional, as everywhere: curves.png of the seed-0 runs
