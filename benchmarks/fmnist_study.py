@@ -48,14 +48,16 @@ MODELS = {
     "fsr_vanilla_wide": ("fsr.py", ["--no-fsr", "--model", "smallcnn_wide"], "fsr_vanilla"),
     "cifs_vanilla": ("cifs.py", ["--no-cifs"], None),
     "cifs": ("cifs.py", [], "cifs_vanilla"),
+    "cifs_mlp": ("cifs.py", ["--probes", "mlp"], "cifs_vanilla"),  # a mask that depends on the input: see report
 }
 LABELS = {"fsr_vanilla": "vanilla AT, 94 k parameters (`fsr.py --no-fsr`)", "fsr": "AT + FSR, 465 k (`fsr.py`)",
           "fsr_hidden2": "AT + FSR of hidden width 2, 105 k: the paper's +11 % (`fsr.py --hidden 2`)",
           "fsr_vanilla_wide": "vanilla AT, 465 k (`fsr.py --no-fsr --model smallcnn_wide`)",
-          "cifs_vanilla": "vanilla AT (`cifs.py --no-cifs`)", "cifs": "AT + CIFS (`cifs.py`)"}
+          "cifs_vanilla": "vanilla AT (`cifs.py --no-cifs`)", "cifs": "AT + CIFS (`cifs.py`)",
+          "cifs_mlp": "AT + CIFS, MLP probe (`cifs.py --probes mlp`)"}
 # evaluate.py's keys: -tm, through the CIFS mask; -worst, per example the worst of both views (CIFS only)
-COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack", "pgd20-tm", "pgd100-tm", "pgd100-worst",
-           "ensemble-worst")
+COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "ensemble", "autoattack", "pgd20-tm", "pgd100-tm",
+           "pgd100-worst", "ensemble-worst")
 
 
 @dataclasses.dataclass
@@ -227,7 +229,7 @@ def report(args: Args, seeds: list, models: list, invocations: list) -> str:
                        for m in models if m in ("fsr_vanilla", "cifs_vanilla"))
     first = read_json(os.path.join(args.out, "eval", f"{models[0]}_s{seeds[0]}_last.json"))
     import evaluate as ev
-    protocol = ev.describe_protocol(first["protocol"], args.dataset, (*COLUMNS, "ensemble"))
+    protocol = ev.describe_protocol(first["protocol"], args.dataset, COLUMNS)
     title = "Fashion-MNIST at CPU scale" if args.dataset == "fmnist" else "Synthetic data (a test of the script)"
     lines = [f"# {title}: each method against its own baseline", "",
              "; ".join(f"`{i['command']}` on {i['date']}: {format_seconds(i['seconds'])}" for i in invocations)
@@ -271,13 +273,15 @@ def report(args: Args, seeds: list, models: list, invocations: list) -> str:
                 failed = ", ".join(k for k, v in masking["checks"].items() if v != "PASS") or "none"
                 lines.append(f"| {model} epoch {epoch} | {100 * acc['natural']:.1f} | {100 * acc['fgsm']:.1f} | "
                              f"{100 * acc['pgd20']:.1f} | {steps} | {100 * masking['unbounded']:.1f} | {failed} |")
+    cifs_models = [m for m in models if m in ("cifs", "cifs_mlp")]
     lines += ["", "## CIFS: the masks it uses against the masks built from the true label", "",
-              "| seed | clean (probe's top-2 masks, as tested) | clean (true-label masks, as trained) | "
-              "probe top-1 | probe top-2 |", "|---|---|---|---|---|"] if "cifs" in models else []
-    for seed in seeds if "cifs" in models else ():
-        m = cifs_masks(os.path.join(run_folder(args, "cifs", seed), "last.pt"), args.n_examples, args.data_root)
-        lines.append(f"| {seed} | {100 * m['clean']:.1f} | {100 * m['clean_label_masks']:.1f} | "
-                     f"{100 * m['probe_top1']:.1f} | {100 * m['probe_top2']:.1f} |")
+              "| model, seed | clean (probe's top-2 masks, as tested) | clean (true-label masks, as trained) | "
+              "probe top-1 | probe top-2 |", "|---|---|---|---|---|"] if cifs_models else []
+    for model in cifs_models:
+        for seed in seeds:
+            m = cifs_masks(os.path.join(run_folder(args, model, seed), "last.pt"), args.n_examples, args.data_root)
+            lines.append(f"| {model} s{seed} | {100 * m['clean']:.1f} | {100 * m['clean_label_masks']:.1f} | "
+                         f"{100 * m['probe_top1']:.1f} | {100 * m['probe_top2']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
