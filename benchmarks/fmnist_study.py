@@ -69,7 +69,7 @@ class Args:
     batch_size: int = arg(32, "training batch size")
     attack_steps: int = arg(5, "PGD steps of the training attack (eps 0.3)")
     attack_step_size: float = arg(0.08, "step of the training attack")
-    seeds: str = arg("0,1,2", "comma-separated seeds (each: all five models)")
+    seeds: str = arg("0,1", "comma-separated seeds (each: every model)")
     monitor_size: int = arg(1000, "test images monitored after every epoch (clean and PGD-20, as the scripts)")
     n_examples: int = arg(1000, "class-balanced test images of the evaluation (the same for every model)")
     swing_examples: int = arg(200, "test images of the per-epoch masking checks on the seed-0 FSR runs (0: skip)")
