@@ -1,21 +1,22 @@
 """The CPU-scale Fashion-MNIST study: FSR and CIFS, each against its own baseline, on real data.
 
-    python benchmarks/fmnist_study.py                      # about 1 h on 2 idle cores: runs/fmnist_study/study.md
-    python benchmarks/fmnist_study.py --seeds 0 --train-size 500 --epochs 2 --n-examples 100 --out runs/quick
+    python benchmarks/fmnist_study.py        # about 1.5 h on 2 idle cores: runs/fmnist_study/study.md, curves.png
+    python benchmarks/fmnist_study.py --models fsr_vanilla,fsr --seeds 0 --out runs/fsr_only   # a part of it
 
-Per seed, five models with identical settings, on the same seeded class-balanced training subset:
-`fsr.py --no-fsr` (FSR's baseline), `fsr.py`, `fsr.py --hidden 2` (the capacity control: an FSR module that
-adds the paper's share of parameters, about 11 %, instead of 4x the network), `cifs.py --no-cifs` (CIFS's
-baseline) and `cifs.py` (its smallcnn defaults, docs/cifs.md). Each run trains one epoch per process and
-continues with --resume (bitwise the uninterrupted run), keeping every epoch's checkpoint as epoch<N>.pt:
-the FSR swing can then be examined epoch by epoch, and the study, stopped, continues where it stopped when
-run again with the same flags. Then evaluate.py on the same class-balanced test images: every white-box
-column, APGD-CE, and for CIFS the through-the-mask and worst-case columns; FSR appendix C's masking checks on
-each epoch of the seed-0 FSR runs; and, for CIFS, the accuracy with the masks built from the true label (as
-in training) beside the masks it really uses. Writes <out>/study.md (and study.json, curves.png, eval/,
-swing/, logs/). A CPU-scale study on a 0.1 M-parameter network, not a reproduction of either paper.
+Per seed, seven models with identical settings on the same seeded class-balanced training subset (MODELS):
+`fsr.py --no-fsr` (FSR's baseline), `fsr.py`, two capacity controls (`fsr.py --hidden 2`: an FSR module that
+adds the paper's share of parameters, about 11 %, instead of 4x the network; `fsr.py --no-fsr --model
+smallcnn_wide`: a vanilla network with as many parameters and FLOPs as smallcnn + FSR), `cifs.py --no-cifs`
+(CIFS's baseline), `cifs.py` (its smallcnn defaults, docs/cifs.md) and `cifs.py --probes mlp` (whose mask
+depends on the input, so that attacking through it can matter). Each run trains one epoch per process and
+continues with --resume (bitwise the uninterrupted run), keeping every epoch's checkpoint as epoch<N>.pt, so
+the study, stopped, continues where it stopped when run again. Then evaluate.py on the same class-balanced
+test images (every white-box column, APGD-CE, and for CIFS the through-the-mask and worst-case columns), FSR
+appendix C's masking checks on every epoch of the seed-0 FSR runs and their baseline (the swing of the
+monitored accuracy), and for CIFS the accuracy with masks built from the true label (as in training) beside
+the masks it uses. Writes <out>/study.md, curves.png, eval/, swing/, logs/ and runs/. A CPU-scale study on
+a 0.09 M-parameter network, not a reproduction of either paper (docs/fmnist-study.md).
 """
-
 from __future__ import annotations
 
 import concurrent.futures
@@ -72,7 +73,8 @@ class Args:
     seeds: str = arg("0,1", "comma-separated seeds (each: every model)")
     monitor_size: int = arg(1000, "test images monitored after every epoch (clean and PGD-20, as the scripts)")
     n_examples: int = arg(1000, "class-balanced test images of the evaluation (the same for every model)")
-    swing_examples: int = arg(200, "test images of the per-epoch masking checks on the seed-0 FSR runs (0: skip)")
+    swing_examples: int = arg(200, "test images of the masking checks on every epoch of seed-0 fsr and fsr_vanilla "
+                              "(0: skip)")
     jobs: int = arg(2, "processes at a time, one torch thread each")
     data_root: str = arg(None, "Fashion-MNIST folder (default: data, or Debian's copy; docs/data.md)", str)
     out: str = arg("runs/fmnist_study", "output folder")
@@ -297,8 +299,18 @@ def main(argv=None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     command = shlex.join(["python", "benchmarks/fmnist_study.py", *(sys.argv[1:] if argv is None else argv)])
+    settings = {k: v for k, v in dataclasses.asdict(args).items()
+                if k not in ("models", "seeds", "jobs", "data_root", "out")}
+    saved = os.path.join(args.out, "settings.json")  # a continued study keeps the settings it started with
+    if os.path.exists(saved):
+        changed = [k for k, v in read_json(saved).items() if settings.get(k) != v]
+        if changed:
+            sys.exit(f"error: {', '.join('--' + k.replace('_', '-') for k in changed)}: {args.out} holds a study "
+                     "made with other values (its settings.json); pass another --out")
     for folder in ("logs", "runs", "eval", "swing"):
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+    with open(saved, "w") as file:
+        json.dump(settings, file, indent=1)
     started = time.time()
     print(f"{args.dataset} study: {len(models)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
           f"{os.path.join(args.out, 'logs')}", flush=True)

@@ -83,3 +83,11 @@ def test_a_second_invocation_continues_instead_of_training_again(study):
     fmnist_study.main([*FLAGS, "--out", str(study)])
     assert {p: os.path.getmtime(p) for p in (study / "runs").rglob("*.pt")} == before
     assert {p: p.read_text() for p in logs} == logs  # no training or evaluation ran again
+
+
+def test_a_study_is_continued_only_with_the_settings_it_started_with(study, capsys):
+    before = sorted(str(p) for p in study.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        fmnist_study.main([*FLAGS, "--epochs", "3", "--out", str(study)])
+    assert str(stop.value).startswith("error: --epochs: ") and "\n" not in str(stop.value)
+    assert sorted(str(p) for p in study.rglob("*")) == before
