@@ -109,7 +109,7 @@ BAD_FSR = [(["--tau", "0"], "--tau"), (["--lambda-sep", "-1"], "--lambda-sep"),
 BAD_CIFS = [(["--probes", "mlp,linear,linear"], "--probes"), (["--probes", "mlp,conv"], "--probes"),
             (["--top-k", "11"], "--top-k"), (["--beta", "-2"], "--beta"), (["--softmax-scale", "0"], "--softmax-scale"),
             (["--softmax-scale", "inf"], "--softmax-scale inf must be a finite number"), (["--beta", "nan"], "--beta nan"),
-            (["--hidden", "1000000000000"], "out of memory")]
+            (["--probes", "mlp", "--hidden", "1000000000000"], "out of memory")]  # smallcnn's default probe is linear
 CASES = [("fsr", *case) for case in BAD_TRAINING + BAD_FSR] + [("cifs", *case) for case in BAD_TRAINING + BAD_CIFS]
 
 
