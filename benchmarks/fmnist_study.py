@@ -271,7 +271,8 @@ def report(args: Args, seeds: list, models: list, invocations: list) -> str:
             for epoch in range(1, args.epochs + 1):
                 result = read_json(os.path.join(swing, f"{model}_s0_epoch{epoch}.json"))
                 masking, acc = result["masking_report"], result["accuracy"]
-                steps = ", ".join(f"{n}: {100 * v:.1f}" for n, v in masking["steps"].items())
+                by_steps = sorted(masking["steps"].items(), key=lambda item: int(item[0]))
+                steps = ", ".join(f"{n}: {100 * v:.1f}" for n, v in by_steps)
                 failed = ", ".join(k for k, v in masking["checks"].items() if v != "PASS") or "none"
                 lines.append(f"| {model} epoch {epoch} | {100 * acc['natural']:.1f} | {100 * acc['fgsm']:.1f} | "
                              f"{100 * acc['pgd20']:.1f} | {steps} | {100 * masking['unbounded']:.1f} | {failed} |")
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     with open(saved, "w") as file:
         json.dump(settings, file, indent=1)
-    started = time.time()
+    started, start_date = time.time(), datetime.datetime.now().isoformat(timespec="minutes")
     print(f"{args.dataset} study: {len(models)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
           f"{os.path.join(args.out, 'logs')}", flush=True)
     def study_one(model, seed):  # no job waits for another: a worker is never idle while work remains
@@ -336,7 +337,7 @@ def main(argv=None) -> None:
                                "--overwrite"],  # redrawn from every epoch so far, on each invocation
                os.path.join(args.out, "logs", "curves.log"))
     with open(os.path.join(args.out, "invocations.jsonl"), "a") as file:  # what each invocation took
-        file.write(json.dumps({"command": command, "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        file.write(json.dumps({"command": command, "date": start_date,
                                "seconds": round(time.time() - started)}) + "\n")
     with open(os.path.join(args.out, "invocations.jsonl")) as file:
         text = report(args, seeds, models, [json.loads(line) for line in file])
