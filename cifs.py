@@ -150,8 +150,8 @@ DEFAULT_POSITIONS = {
 # The softmax scale s of m = s * softmax(g): 2 for the ResNets behind the published tables (the compiled
 # `resnet_CSAFR_topk` module their result logs name, and the first public resnet_CIFS.py); 1 for
 # WRN-28-10 (its module) and backbones the paper did not use. OFFICIAL_SOFTMAX_SCALES: the released files.
-# smallcnn (ours): 128, its channel count at conv3, so the mask averages 1 and does not shrink the feature
-# 128-fold at the start of a run of a few epochs (docs/cifs.md, "CIFS on the CPU-scale network").
+# smallcnn and smallcnn_wide (ours): their channel count at conv3, so the mask averages 1 and does not shrink
+# the feature C-fold at the start of a run of a few epochs (docs/cifs.md, "CIFS on the CPU-scale network").
 SOFTMAX_SCALE = {"resnet18": 2.0, "resnet10": 2.0, "smallcnn": 128.0, "smallcnn_wide": 758.0}
 # What the training accuracy measures (said next to it on the console and in curves.png).
 TRAIN_ACCURACY_NOTE = "training batches, train mode: masks from the true label's logit"
