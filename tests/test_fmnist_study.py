@@ -1,6 +1,7 @@
 """benchmarks/fmnist_study.py, the one-command CPU-scale study: its settings are refused before any work,
 each run trained one epoch per process equals the run trained in one go, the table compares each method with
-its own baseline, and a second invocation continues instead of training again.
+its own baseline, a second invocation continues instead of training again, and a run stopped between its
+save and the study's copy of it continues without training that epoch again.
 
 CPU only: synthetic 3x16x16 images, two models (cifs.py --no-cifs and cifs.py), two epochs of 64 images.
 """
@@ -91,3 +92,17 @@ def test_a_study_is_continued_only_with_the_settings_it_started_with(study, caps
         fmnist_study.main([*FLAGS, "--epochs", "3", "--out", str(study)])
     assert str(stop.value).startswith("error: --epochs: ") and "\n" not in str(stop.value)
     assert sorted(str(p) for p in study.rglob("*")) == before
+
+
+def test_an_epoch_saved_but_not_yet_copied_is_copied_not_trained_again(tmp_path):
+    """A stop between the script's save of last.pt and the study's copy to epoch<N>.pt (a Ctrl-C there)."""
+    out = tmp_path / "out"
+    flags = [*FLAGS, "--models", "cifs_vanilla", "--epochs", "1", "--out", str(out)]
+    fmnist_study.main(flags)
+    folder = out / "runs" / "cifs_vanilla_s0"
+    (folder / "epoch1.pt").unlink()
+    log = out / "logs" / "cifs_vanilla_s0.log"
+    before = log.read_text()
+    fmnist_study.main(flags)
+    assert log.read_text() == before  # no cifs.py process ran
+    assert (folder / "epoch1.pt").read_bytes() == (folder / "last.pt").read_bytes()
