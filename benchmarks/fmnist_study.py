@@ -39,7 +39,10 @@ if REPO not in sys.path:  # `python benchmarks/fmnist_study.py` puts benchmarks/
 
 import torch  # noqa: E402
 
-from run_support import arg, format_seconds, int_list, parse_args  # noqa: E402
+import evaluate as ev  # noqa: E402
+from cifs import CIFS  # noqa: E402
+from data import balanced_subset  # noqa: E402
+from run_support import arg, check_finite, format_seconds, int_list, parse_args, write_text_atomically  # noqa: E402
 
 # name: (script, its extra flags, the baseline it is compared with)
 MODELS = {
@@ -59,6 +62,7 @@ LABELS = {"fsr_vanilla": "vanilla AT, 94 k parameters (`fsr.py --no-fsr`)", "fsr
 # evaluate.py's keys: -tm, through the CIFS mask; -worst, per example the worst of both views (CIFS only)
 COLUMNS = ("natural", "fgsm", "pgd20", "pgd100", "cw", "ensemble", "autoattack", "pgd20-tm", "pgd100-tm",
            "pgd100-worst", "ensemble-worst")
+TITLES = {**ev.COLUMN_TITLES, "autoattack": "APGD-CE"}  # the study runs AutoAttack's APGD-CE alone
 
 
 @dataclasses.dataclass
@@ -89,8 +93,9 @@ def check(args: Args) -> list:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.swing_examples < 0:
         raise ValueError(f"--swing-examples {args.swing_examples}: must be 0 (skip) or more")
-    if not 0 < args.attack_step_size < float("inf"):
-        raise ValueError(f"--attack-step-size {args.attack_step_size}: must be positive and finite")
+    check_finite(args)
+    if not args.attack_step_size > 0:
+        raise ValueError(f"--attack-step-size {args.attack_step_size}: must be positive")
     int_list("milestones", args.milestones, increasing=True)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -120,6 +125,15 @@ def run_folder(args: Args, model: str, seed: int) -> str:
     return os.path.join(os.path.abspath(args.out), "runs", f"{model}_s{seed}")
 
 
+def data_root(args: Args) -> list:
+    return ["--data-root", args.data_root] if args.data_root else []
+
+
+def result(args: Args, folder: str, checkpoint: str) -> str:
+    """Where evaluate.py --out <out>/<folder> writes the JSON of a checkpoint (its own naming rule)."""
+    return os.path.join(args.out, folder, ev.result_name(checkpoint) + ".json")
+
+
 def train(args: Args, model: str, seed: int) -> str:
     """Train one model one epoch per process, keeping epoch<N>.pt; continue from what is already there."""
     script, extra, _ = MODELS[model]
@@ -140,8 +154,7 @@ def train(args: Args, model: str, seed: int) -> str:
                      "--attack-step-size", str(args.attack_step_size), "--epochs", str(epoch),
                      "--milestones", args.milestones, "--monitor-size", str(args.monitor_size), "--eval-every", "1",
                      "--seed", str(seed), "--device", "cpu", "--runs-dir", os.path.dirname(folder),
-                     "--run-name", os.path.basename(folder)]
-            flags += ["--data-root", args.data_root] if args.data_root else []
+                     "--run-name", os.path.basename(folder), *data_root(args)]
             if args.dataset == "synthetic":  # small images: the script's own test
                 flags += ["--synthetic-shape", "3,16,16", "--synthetic-size", str(args.train_size)]
         python(script, flags, log)
@@ -151,43 +164,37 @@ def train(args: Args, model: str, seed: int) -> str:
 
 def evaluate(args: Args, model: str, seed: int) -> None:
     """evaluate.py on the seed's last.pt: the papers' columns, APGD-CE, CIFS's through-the-mask columns."""
-    out = os.path.join(args.out, "eval")
-    if os.path.exists(os.path.join(out, f"{model}_s{seed}_last.json")):
+    checkpoint = os.path.join(run_folder(args, model, seed), "last.pt")
+    if os.path.exists(result(args, "eval", checkpoint)):
         return
-    flags = [os.path.join(run_folder(args, model, seed), "last.pt"), "--n-examples", str(args.n_examples),
-             "--attacks", "natural,fgsm,pgd20,pgd100,cw,autoattack", "--aa-version", "custom", "--aa-attacks",
-             "apgd-ce", "--device", "cpu", "--out", out]
-    python("evaluate.py", flags + (["--data-root", args.data_root] if args.data_root else []),
-           os.path.join(args.out, "logs", f"eval_{model}_s{seed}.log"))
+    flags = [checkpoint, "--n-examples", str(args.n_examples), "--attacks", "natural,fgsm,pgd20,pgd100,cw,autoattack",
+             "--aa-version", "custom", "--aa-attacks", "apgd-ce", "--device", "cpu", "--out",
+             os.path.join(args.out, "eval"), *data_root(args)]
+    python("evaluate.py", flags, os.path.join(args.out, "logs", f"eval_{model}_s{seed}.log"))
 
 
 def swing_checks(args: Args, model: str) -> None:
     """FSR appendix C's masking checks (evaluate.py --masking-report) on every epoch of the seed-0 run."""
-    out = os.path.join(args.out, "swing")
     paths = [os.path.join(run_folder(args, model, 0), f"epoch{e}.pt") for e in range(1, args.epochs + 1)]
-    todo = [p for p in paths if not os.path.exists(os.path.join(out, f"{model}_s0_{os.path.basename(p)[:-3]}.json"))]
+    todo = [p for p in paths if not os.path.exists(result(args, "swing", p))]
     if todo:
         flags = [*todo, "--n-examples", str(args.swing_examples), "--attacks", "natural,fgsm,pgd20",
-                 "--masking-report", "--device", "cpu", "--out", out]
-        python("evaluate.py", flags + (["--data-root", args.data_root] if args.data_root else []),
-               os.path.join(args.out, "logs", f"swing_{model}.log"))
+                 "--masking-report", "--device", "cpu", "--out", os.path.join(args.out, "swing"), *data_root(args)]
+        python("evaluate.py", flags, os.path.join(args.out, "logs", f"swing_{model}.log"))
 
 
 def cifs_masks(path: str, n_examples: int, data_root: str | None) -> dict:
     """Clean accuracy of a CIFS checkpoint with the masks it uses (the probe's top-2, as at test time) and with
     the masks built from the true label (as in training), and its probe's top-1 / top-2 accuracy."""
-    import cifs
-    import data
-    import evaluate as ev
     torch.set_num_threads(1)
     net, run_args, _ = ev.load_network(path, torch.device("cpu"))
     x, y = ev.load_split(run_args, data_root, train=False)
-    chosen = data.balanced_subset(y, n_examples, net.num_classes, 0)  # evaluate.py's subset (--subset-seed 0)
+    chosen = balanced_subset(y, n_examples, net.num_classes, 0)  # evaluate.py's subset (--subset-seed 0)
     x, y = x[chosen], y[chosen]
     with torch.no_grad():
         logits, emitted = net(x)
         for module in net.modules():
-            if isinstance(module, cifs.CIFS):
+            if isinstance(module, CIFS):
                 module.train()  # train-mode masks: the true label's logit (BatchNorm stays in eval mode)
         label_logits, _ = net(x, y)
         net.eval()
@@ -223,26 +230,25 @@ def read_json(path: str) -> dict:
 
 def report(args: Args, seeds: list, models: list, invocations: list) -> str:
     """study.md: the table (mean ± std over seeds, and each method minus its own baseline), the swing, CIFS."""
-    results = {m: {s: read_json(os.path.join(args.out, "eval", f"{m}_s{s}_last.json"))["accuracy"] for s in seeds}
-               for m in models}
+    evaluated = {(m, s): read_json(result(args, "eval", os.path.join(run_folder(args, m, s), "last.pt")))
+                 for m in models for s in seeds}
+    results = {m: {s: evaluated[m, s]["accuracy"] for s in seeds} for m in models}
     columns = [c for c in COLUMNS if any(c in results[m][s] for m in models for s in seeds)]
     run = {m: read_json(os.path.join(run_folder(args, m, seeds[0]), "args.json")) for m in models}
     recipe = ", ".join(f"{MODELS[m][0]} lr {run[m]['lr']:g}, weight decay {run[m]['weight_decay']:g}"
                        for m in models if m in ("fsr_vanilla", "cifs_vanilla"))
-    first = read_json(os.path.join(args.out, "eval", f"{models[0]}_s{seeds[0]}_last.json"))
-    import evaluate as ev
-    protocol = ev.describe_protocol(first["protocol"], args.dataset, COLUMNS)
+    protocol = ev.describe_protocol(evaluated[models[0], seeds[0]]["protocol"], args.dataset, COLUMNS)
     title = "Fashion-MNIST at CPU scale" if args.dataset == "fmnist" else "Synthetic data (a test of the script)"
     lines = [f"# {title}: each method against its own baseline", "",
              "; ".join(f"`{i['command']}` on {i['date']}: {format_seconds(i['seconds'])}" for i in invocations)
              + f" ({hardware()}; an invocation continues the one before). Settings: smallcnn (0.09 M parameters), "
-             f"{args.train_size} class-balanced training images, Madry AT at eps {run[models[0]]['epsilon']:g} with PGD-{args.attack_steps} of step {args.attack_step_size}, batch "
-             f"{args.batch_size}, {args.epochs} epochs, the lr cut 10x after epoch(s) {args.milestones}; the scripts' "
+             f"{args.train_size} class-balanced training images, Madry AT at eps {run[models[0]]['epsilon']:g} with "
+             f"PGD-{args.attack_steps} of step {args.attack_step_size}, batch {args.batch_size}, {args.epochs} epochs, the lr cut 10x after epoch(s) {args.milestones}; the scripts' "
              f"own recipe otherwise ({recipe or 'see args.json'}); seeds {', '.join(map(str, seeds))}. Evaluated "
              f"by evaluate.py on the same {args.n_examples} class-balanced test images; APGD-CE is AutoAttack's "
              "(100 iterations). Mean ± sample std over the seeds, in %. A CPU-scale study, not a reproduction.", "",
              protocol, "",
-             "| model | " + " | ".join(ev_title(c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
+             "| model | " + " | ".join(TITLES[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for model in models:
         baseline = MODELS[model][2] if MODELS[model][2] in models else None
         cells = [mean_std([results[model][s][c] for s in seeds if c in results[model][s]]) for c in columns]
@@ -269,8 +275,8 @@ def report(args: Args, seeds: list, models: list, invocations: list) -> str:
                   "failed checks |", "|---|---|---|---|---|---|---|"]
         for model in [m for m in ("fsr_vanilla", "fsr") if m in models]:
             for epoch in range(1, args.epochs + 1):
-                result = read_json(os.path.join(swing, f"{model}_s0_epoch{epoch}.json"))
-                masking, acc = result["masking_report"], result["accuracy"]
+                checks = read_json(result(args, "swing", os.path.join(run_folder(args, model, 0), f"epoch{epoch}.pt")))
+                masking, acc = checks["masking_report"], checks["accuracy"]
                 by_steps = sorted(masking["steps"].items(), key=lambda item: int(item[0]))
                 steps = ", ".join(f"{n}: {100 * v:.1f}" for n, v in by_steps)
                 failed = ", ".join(k for k, v in masking["checks"].items() if v != "PASS") or "none"
@@ -286,11 +292,6 @@ def report(args: Args, seeds: list, models: list, invocations: list) -> str:
             lines.append(f"| {model} s{seed} | {100 * m['clean']:.1f} | {100 * m['clean_label_masks']:.1f} | "
                          f"{100 * m['probe_top1']:.1f} | {100 * m['probe_top2']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def ev_title(column: str) -> str:
-    import evaluate as ev
-    return "APGD-CE" if column == "autoattack" else ev.COLUMN_TITLES.get(column, column)
 
 
 def main(argv=None) -> None:
@@ -310,8 +311,7 @@ def main(argv=None) -> None:
                      "made with other values (its settings.json); pass another --out")
     for folder in ("logs", "runs", "eval", "swing"):
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
-    with open(saved, "w") as file:
-        json.dump(settings, file, indent=1)
+    write_text_atomically(saved, json.dumps(settings, indent=1))
     started, start_date = time.time(), datetime.datetime.now().isoformat(timespec="minutes")
     print(f"{args.dataset} study: {len(models)} models x {len(seeds)} seed(s), {args.jobs} processes at a time; logs in "
           f"{os.path.join(args.out, 'logs')}", flush=True)
@@ -343,8 +343,7 @@ def main(argv=None) -> None:
                                "seconds": round(time.time() - started)}) + "\n")
     with open(os.path.join(args.out, "invocations.jsonl")) as file:
         text = report(args, seeds, models, [json.loads(line) for line in file])
-    with open(os.path.join(args.out, "study.md"), "w") as file:
-        file.write(text)
+    write_text_atomically(os.path.join(args.out, "study.md"), text)
     print("\n" + text + f"\nwritten to {os.path.join(args.out, 'study.md')}", flush=True)
 
 

@@ -6,6 +6,7 @@ save and the study's copy of it continues without training that epoch again.
 CPU only: synthetic 3x16x16 images, two models (cifs.py --no-cifs and cifs.py), two epochs of 64 images.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -72,7 +73,6 @@ def test_the_table_compares_each_method_with_its_own_baseline(study):
     header = table[0]
     assert "Natural" in header and "APGD-CE" in header and "PGD-100 (through mask)" in header
     # Its numbers are the evaluations': natural accuracy of the CIFS run, in %, one seed (no ± part).
-    import json
     natural = json.loads((study / "eval" / "cifs_s0_last.json").read_text())["accuracy"]["natural"]
     assert table[cifs_row].split("|")[2].strip() == f"{100 * natural:.1f}"
     assert "## CIFS: the masks it uses against the masks built from the true label" in text
