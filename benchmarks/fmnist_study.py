@@ -116,7 +116,7 @@ def python(script: str, flags: list, log: str) -> None:
     with open(log, "a") as file:
         file.write(f"$ {shlex.join(command)}\n")
         file.flush()
-        done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, env=env)  # our cwd: paths agree
     if done.returncode:
         raise RuntimeError(f"{script} exited with {done.returncode}: see {log}")
 

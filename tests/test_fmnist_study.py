@@ -38,9 +38,13 @@ def test_bad_settings_are_refused_in_one_line_before_any_work(tmp_path, capsys, 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "out"
-    fmnist_study.main([*FLAGS, "--out", str(out)])
-    return out
+    folder, before = tmp_path_factory.mktemp("study"), os.getcwd()
+    os.chdir(folder)  # a relative --out, as a user types it: the scripts the study runs must agree on it
+    try:
+        fmnist_study.main([*FLAGS, "--out", "out"])
+    finally:
+        os.chdir(before)
+    return folder / "out"
 
 
 def weights(path):
