@@ -161,12 +161,12 @@ def conv_net(channels: int, hidden: int) -> nn.Sequential:
         nn.Conv2d(hidden, channels, 3, padding=1, bias=False))
 
 
+def gumbel(u: torch.Tensor) -> torch.Tensor:  # g = -log(-log(u)), u ~ U(0, 1), with the official guards
+    return -torch.log(-torch.log(u + 1e-8) + 1e-8)
+
+
 # Eq. 2's eval-mode Gumbel noise (u = 0.5), once, by the training noise's fp32 vectorised kernels (bitwise).
-EVAL_GUMBEL = float(-torch.log(-torch.log(torch.full((64,), 0.5) + 1e-8) + 1e-8)[0])
-
-
-def gumbel_noise(like: torch.Tensor) -> torch.Tensor:  # g = -log(-log(u)), u ~ U(0, 1), the official guards
-    return -torch.log(-torch.log(torch.rand_like(like) + 1e-8) + 1e-8)
+EVAL_GUMBEL = float(gumbel(torch.full((64,), 0.5))[0])
 
 
 class FSR(nn.Module):
@@ -198,7 +198,7 @@ class FSR(nn.Module):
             return (score >= 0.5).float()
         gumbel_pos = gumbel_neg = EVAL_GUMBEL
         if self.training:
-            gumbel_pos, gumbel_neg = gumbel_noise(score), gumbel_noise(score)
+            gumbel_pos, gumbel_neg = gumbel(torch.rand_like(score)), gumbel(torch.rand_like(score))
         logit_pos = (torch.log(score + 1e-8) + gumbel_pos) / (self.tau + 1e-8)
         logit_neg = (torch.log(1 - score + 1e-8) + gumbel_neg) / (self.tau + 1e-8)
         return torch.sigmoid(logit_pos - logit_neg)
